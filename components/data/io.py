@@ -1,0 +1,111 @@
+"""Image and mask reading with clear errors (one file, one message, one fix).
+
+Policy for unusual but valid inputs (documented in the README):
+* greyscale (L, LA, P), CMYK, YCbCr → RGB (as the official ``convert('RGB')``); RGBA drops alpha;
+* 16-bit greyscale (``I;16*``) and 32-bit integer (``I``) are scaled to 8 bit by their full range
+  (PIL's own conversion would clip every value above 255 to white);
+* masks: any mode, multi-channel masks take the channel max, values > half of the mask's dtype
+  range (> 127 for 8 bit; > 0.5 for masks saved as 0/1) count as anomalous.
+Corrupt, truncated and empty files raise :class:`ImageReadError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "is_image_file", "read_mask", "read_rgb"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageReadError(ValueError):
+    """An image or mask file cannot be used; the message names the file and the fix."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for file names with a supported image extension (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.is_file():
+        msg = f"{path}: file not found."
+        raise ImageReadError(msg)
+    if path.stat().st_size == 0:
+        msg = f"{path}: empty file (0 bytes). Re-copy or remove it."
+        raise ImageReadError(msg)
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        msg = f"{path}: cannot decode image ({err}). The file is corrupt or truncated: re-export or remove it."
+        raise ImageReadError(msg) from err
+    return img
+
+
+def _to_uint8_grey(img: Image.Image, path: Path) -> np.ndarray:
+    arr = np.asarray(img)
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype in (np.uint16, np.int32, np.uint32, np.int64) or img.mode.startswith("I"):
+        top = 65535.0 if (img.mode.startswith("I;16") or arr.max(initial=0) <= 65535) else float(arr.max())
+        return np.clip(arr.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if arr.dtype in (np.float32, np.float64):
+        top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        return np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    msg = f"{path}: unsupported pixel format {img.mode} ({arr.dtype}). Convert it to 8-bit RGB PNG/JPEG."
+    raise ImageReadError(msg)
+
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """Read any supported image as an 8-bit RGB PIL image (see module policy)."""
+    path = Path(path)
+    img = _open(path)
+    if img.mode in ("RGB",):
+        return img
+    if img.mode in ("L", "P", "LA", "RGBA", "CMYK", "YCbCr", "PA", "1", "RGBX", "HSV", "LAB"):
+        return img.convert("RGB")
+    grey = _to_uint8_grey(img, path)
+    if grey.ndim == 3:
+        grey = grey[..., :3] if grey.shape[-1] >= 3 else np.repeat(grey[..., :1], 3, axis=-1)
+        return Image.fromarray(np.ascontiguousarray(grey), "RGB")
+    return Image.fromarray(grey, "L").convert("RGB")
+
+
+def read_mask(path: str | os.PathLike, expected_size: tuple[int, int] | None = None) -> Image.Image:
+    """Read a mask as a binary 8-bit 'L' image (0 or 255).
+
+    Args:
+        expected_size: (width, height) of the image it belongs to; a mismatch raises.
+    """
+    path = Path(path)
+    img = _open(path)
+    if expected_size is not None and img.size != tuple(expected_size):
+        msg = (
+            f"{path}: mask is {img.size[0]}×{img.size[1]} but its image is "
+            f"{expected_size[0]}×{expected_size[1]}. Masks must have the image's size."
+        )
+        raise ImageReadError(msg)
+    if img.mode in ("RGB", "RGBA", "CMYK", "P", "LA", "YCbCr"):
+        arr = np.asarray(img.convert("RGB")).max(axis=-1)
+    elif img.mode == "1":
+        arr = np.asarray(img).astype(np.uint8) * 255
+    else:
+        arr = np.asarray(img)
+        if arr.ndim == 3:
+            arr = arr.max(axis=-1)
+    top = float(arr.max(initial=0))
+    if arr.dtype == np.uint8:
+        thresh = 0.5 if top <= 1 else 127
+    elif arr.dtype == np.uint16 or img.mode.startswith("I;16"):
+        thresh = 0.5 if top <= 1 else 32767
+    else:
+        thresh = 0.5 if top <= 1 else top / 2
+    binary = (arr > thresh).astype(np.uint8) * 255
+    return Image.fromarray(binary, "L")

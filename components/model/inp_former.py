@@ -1,0 +1,285 @@
+"""INP-Former / INP-Former++ model (method spec §1, §4–§7, §13.3–§13.4).
+
+Data flow for ViT-B at 392 px (28×28 = 784 tokens, C = 768, M = 6):
+    images B×3×392×392 → frozen encoder taps 8 × B×784×C
+    F_Q = mean of the taps                      B×784×C
+    INPs P = extractor(prototype tokens, F_Q)    B×6×C
+    decoder: x = bottleneck(F_Q); 8 × x = block(x, P); list reversed
+    encoder / decoder groups: 2 × B×C×28×28
+    (++) residual f_res (detached) → segmentation head → B×1×392×392 logits
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.model.encoder import FrozenDinoEncoder, convert_meta_dinov2_state_dict
+from components.model.layers import AggregationBlock, Mlp, PrototypeBlock
+from components.model.seg_head import SegmentationHead
+
+__all__ = ["InpFormer", "InpFormerOutput"]
+
+
+@dataclass
+class InpFormerOutput:
+    """Named model output. Shapes for batch B, C channels, h×w token grid, M INPs, N = h·w."""
+
+    encoder_groups: list[torch.Tensor]  # G × B×C×h×w (detached: the encoder is frozen)
+    decoder_groups: list[torch.Tensor]  # G × B×C×h×w
+    prototypes: torch.Tensor  # B×M×C
+    fused_features: torch.Tensor  # B×N×C, F_Q = mean of the encoder taps
+    grid: tuple[int, int]  # (h, w)
+    attention: list[torch.Tensor] = field(default_factory=list)  # per decoder block B×heads×N×M
+
+
+def _fuse(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Element-wise mean of equally shaped tensors (stack then mean, as the official code)."""
+    return torch.stack(list(tensors), dim=1).mean(dim=1)
+
+
+def _to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """B×N×C → B×C×h×w (channel-first permute, row-major reshape)."""
+    b, _, c = tokens.shape
+    return tokens.permute(0, 2, 1).reshape(b, c, grid[0], grid[1]).contiguous()
+
+
+def _check_groups(groups: Sequence[Sequence[int]], size: int, what: str) -> tuple[tuple[int, ...], ...]:
+    out = tuple(tuple(int(i) for i in g) for g in groups)
+    if not out or any(not g for g in out):
+        msg = f"{what} groups must be non-empty lists of indices, got {groups!r}."
+        raise ValueError(msg)
+    bad = sorted({i for g in out for i in g if i < 0 or i >= size})
+    if bad:
+        msg = f"{what} group indices {bad} are out of range 0..{size - 1}."
+        raise ValueError(msg)
+    return out
+
+
+class InpFormer(nn.Module):
+    """INP-Former with the optional INP-Former++ segmentation head.
+
+    Args:
+        encoder_name: DINOv2-reg4 encoder (``dinov2reg_vit_{small,base,large}_14`` or timm name).
+        image_size: input side (int) or (height, width); a multiple of the patch size 14.
+        num_prototypes: M, the number of INPs (spec §4; paper default 6).
+        pretrained: ``True`` | ``False`` | ``"auto"`` for the encoder weights.
+        weights: local encoder weight file (Meta ``.pth`` or timm/HF ``.safetensors``).
+        weights_dir: folder searched for standard weight file names.
+        taps: encoder blocks to tap (default per variant, spec §3).
+        encoder_groups: groups of tap indices averaged into encoder maps.
+        decoder_groups: groups of (reversed) decoder-output indices averaged into decoder maps.
+        decoder_depth: number of INP-guided decoder blocks (8).
+        extractor_depth: number of INP extractor blocks (1).
+        num_heads: attention heads of the trainable blocks (default: the encoder's).
+        mlp_ratio: MLP hidden ratio (4).
+        qkv_bias: bias of the q/kv projections (True).
+        norm_eps: LayerNorm eps of the trainable blocks (1e-8).
+        bottleneck_dropout: dropout in the bottleneck MLP (0; Dinomaly used 0.2).
+        init_std: std of the truncated-normal Linear init (0.01).
+        init_bound: absolute truncation bound of that init (0.03).
+        pos_embed_interp: ``official`` or ``timm`` position-table resizing.
+        encoder_fused_attn: fused SDPA in the encoder (faster, slightly different rounding).
+        download: allow hub downloads of encoder weights.
+        download_timeout_s: connection probe timeout for downloads.
+        encoder_overrides: extra ``timm.create_model`` kwargs (tiny test encoders).
+        seg_head: ``None`` (conference INP-Former), ``"onenip"`` or ``"plain"`` (INP-Former++).
+        seg_head_channels: hidden width of the head (256).
+    """
+
+    def __init__(
+        self,
+        encoder_name: str = "dinov2reg_vit_base_14",
+        image_size: int | Sequence[int] = 392,
+        num_prototypes: int = 6,
+        pretrained: bool | str = "auto",
+        weights: str | os.PathLike | None = None,
+        weights_dir: str | os.PathLike = "weights",
+        taps: Sequence[int] | None = None,
+        encoder_groups: Sequence[Sequence[int]] = ((0, 1, 2, 3), (4, 5, 6, 7)),
+        decoder_groups: Sequence[Sequence[int]] = ((0, 1, 2, 3), (4, 5, 6, 7)),
+        decoder_depth: int = 8,
+        extractor_depth: int = 1,
+        num_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-8,
+        bottleneck_dropout: float = 0.0,
+        init_std: float = 0.01,
+        init_bound: float = 0.03,
+        pos_embed_interp: str = "official",
+        encoder_fused_attn: bool = False,
+        download: bool = True,
+        download_timeout_s: float = 3.0,
+        encoder_overrides: dict | None = None,
+        seg_head: str | None = "onenip",
+        seg_head_channels: int = 256,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_prototypes, bool) or int(num_prototypes) != num_prototypes or num_prototypes < 1:
+            msg = f"num_prototypes (M) must be an integer >= 1, got {num_prototypes!r}."
+            raise ValueError(msg)
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+        if len(size) != 2 or any(s <= 0 or s % 14 for s in size):
+            msg = f"image_size must be a positive multiple of the patch size 14, got {image_size!r}."
+            raise ValueError(msg)
+        if decoder_depth < 1 or extractor_depth < 1:
+            msg = f"decoder_depth and extractor_depth must be >= 1, got {decoder_depth}, {extractor_depth}."
+            raise ValueError(msg)
+        self.image_size = size
+        self.encoder = FrozenDinoEncoder(
+            encoder_name,
+            taps=tuple(taps) if taps is not None else None,
+            pretrained=pretrained,
+            weights=weights,
+            weights_dir=weights_dir,
+            pos_embed_interp=pos_embed_interp,
+            fused_attn=encoder_fused_attn,
+            download=download,
+            download_timeout_s=download_timeout_s,
+            overrides=encoder_overrides,
+        )
+        dim = self.encoder.embed_dim
+        heads = int(num_heads or self.encoder.num_heads)
+        if dim % heads:
+            msg = f"num_heads={heads} does not divide the encoder width {dim}."
+            raise ValueError(msg)
+        self.encoder_groups_idx = _check_groups(encoder_groups, len(self.encoder.taps), "encoder")
+        self.decoder_groups_idx = _check_groups(decoder_groups, decoder_depth, "decoder")
+        if len(self.encoder_groups_idx) != len(self.decoder_groups_idx):
+            msg = "encoder_groups and decoder_groups must have the same number of groups."
+            raise ValueError(msg)
+        self.num_prototypes = int(num_prototypes)
+        self.grid = (size[0] // 14, size[1] // 14)
+
+        # Names mirror the official state dict (spec §7) so released checkpoints load directly.
+        self.bottleneck = nn.ModuleList([Mlp(dim, int(dim * mlp_ratio), bottleneck_dropout)])
+        self.aggregation = nn.ModuleList(
+            [AggregationBlock(dim, heads, mlp_ratio, qkv_bias, norm_eps) for _ in range(extractor_depth)]
+        )
+        self.decoder = nn.ModuleList(
+            [PrototypeBlock(dim, heads, mlp_ratio, qkv_bias, norm_eps) for _ in range(decoder_depth)]
+        )
+        self.prototype_token = nn.Parameter(torch.randn(self.num_prototypes, dim))  # N(0, 1), spec §4
+        self._init_trainable(init_std, init_bound)
+        self.seg_head = SegmentationHead(dim, seg_head_channels, seg_head) if seg_head else None
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _init_trainable(self, std: float, bound: float) -> None:
+        """Truncated normal (std, ±bound) Linear weights, zero biases, unit LayerNorms (spec §7)."""
+        for module in [*self.bottleneck, *self.aggregation, *self.decoder]:
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=std, a=-bound, b=bound)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def pretrained_loaded(self) -> bool:
+        """Whether real encoder weights were loaded (record this with every run)."""
+        return self.encoder.pretrained_loaded
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of normal-pattern modelling (extractor, tokens, bottleneck, decoder)."""
+        mods = [*self.aggregation, *self.bottleneck, *self.decoder]
+        return [self.prototype_token] + [p for m in mods for p in m.parameters()]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the segmentation head (empty without one)."""
+        return list(self.seg_head.parameters()) if self.seg_head is not None else []
+
+    def train(self, mode: bool = True) -> InpFormer:
+        """Set train mode; the encoder stays in eval mode."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, return_attention: bool = False) -> InpFormerOutput:
+        """images: B×3×H×W (ImageNet-normalised) → :class:`InpFormerOutput`."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            msg = f"expected images of shape B×3×H×W, got {tuple(images.shape)}."
+            raise ValueError(msg)
+        taps, grid = self.encoder(images)
+        fused = _fuse(taps)  # F_Q: B×N×C (mean, spec §1)
+        b = images.shape[0]
+        protos = self.prototype_token.unsqueeze(0).expand(b, -1, -1)
+        for blk in self.aggregation:
+            protos = blk(protos, fused)
+        x = fused
+        for blk in self.bottleneck:
+            x = blk(x)
+        decoded: list[torch.Tensor] = []
+        attention: list[torch.Tensor] = []
+        for blk in self.decoder:
+            if return_attention:
+                x, attn = blk(x, protos, return_attention=True)
+                attention.append(attn)
+            else:
+                x = blk(x, protos)
+            decoded.append(x)
+        decoded = decoded[::-1]  # deepest first: group 0 pairs with the earliest encoder taps
+        enc = [_to_map(_fuse([taps[i] for i in g]), grid) for g in self.encoder_groups_idx]
+        dec = [_to_map(_fuse([decoded[i] for i in g]), grid) for g in self.decoder_groups_idx]
+        return InpFormerOutput(enc, dec, protos, fused, grid, attention)
+
+    @staticmethod
+    def residual(out: InpFormerOutput) -> torch.Tensor:
+        """++ residual f_res = mean_g[(1 − cos(E_g, D_g)) · |E_g − D_g|], detached: B×C×h×w (§13.3)."""
+        res = []
+        for e, d in zip(out.encoder_groups, out.decoder_groups):
+            e, d = e.detach(), d.detach()
+            cos_dist = 1.0 - F.cosine_similarity(e, d, dim=1).unsqueeze(1)
+            res.append(cos_dist * (e - d).abs())
+        return _fuse(res)
+
+    def segment(self, out: InpFormerOutput, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Segmentation logits B×1×H×W from the detached residual, upsampled bilinearly (§13.4)."""
+        if self.seg_head is None:
+            raise RuntimeError("this model has no segmentation head (seg_head=None).")
+        logits = self.seg_head(self.residual(out))
+        size = size or self.image_size
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    # -- interop ---------------------------------------------------------------------------------
+    def load_official_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load an official INP-Former checkpoint (spec §7 names; encoder keys in Meta naming).
+
+        Keys with a ``module.`` prefix (DataParallel) are accepted; ``prototype_token.0`` (the
+        official ParameterList) maps to ``prototype_token``. The segmentation head, absent from
+        conference checkpoints, keeps its current weights.
+        """
+        state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        enc = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+        rest = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+        if "prototype_token.0" in rest:
+            rest["prototype_token"] = rest.pop("prototype_token.0")
+        if enc:
+            if "register_tokens" in enc or "mask_token" in enc:
+                enc = convert_meta_dinov2_state_dict(enc)
+            enc_own = self.encoder.vit.state_dict()
+            enc = {k: v for k, v in enc.items() if k in enc_own}
+            rest.update({f"encoder.vit.{k}": v for k, v in enc.items()})
+        own = self.state_dict()
+        head_keys = {k for k in own if k.startswith("seg_head.")}
+        unexpected = sorted(set(rest) - set(own))
+        missing = sorted(set(own) - set(rest) - head_keys)
+        if strict and (unexpected or missing):
+            msg = f"official state dict does not fit: missing {missing[:6]}, unexpected {unexpected[:6]}."
+            raise KeyError(msg)
+        for k, v in rest.items():
+            if k in own and tuple(v.shape) != tuple(own[k].shape):
+                msg = f"shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}."
+                raise ValueError(msg)
+        self.load_state_dict({k: v for k, v in rest.items() if k in own}, strict=False)
+        if enc:
+            self.encoder.pretrained_loaded = True
+            self.encoder.weights_source = "official-checkpoint"

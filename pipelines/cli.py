@@ -1,0 +1,111 @@
+"""``inpformer`` command line: prepare | synthesize | train | evaluate | sweep | pipeline | serve.
+
+Every command accepts ``--params PATH`` (default params.yaml) and repeated ``--set KEY=VALUE``;
+the params are validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params key, e.g. --set model.num_prototypes=8 (repeatable)")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="inpformer", description="INP-Former++ anomaly detection pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="download/index a dataset into data/prepared/<name>/manifest.csv")
+    _common(p)
+    p.add_argument("--dataset", help="synthetic | folder | flat | mvtec | visa | realiad | mpdd | btad")
+    p.add_argument("--from", dest="source", help="archive or folder to use instead of downloading")
+    p.add_argument("--name", help="prepared dataset name (default: data.name)")
+    p = sub.add_parser("synthesize", help="write the fixed pseudo-anomaly bank data/synth/<name>/")
+    _common(p)
+    p = sub.add_parser("train", help="train INP-Former(++) into artifacts/models/")
+    _common(p)
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    p = sub.add_parser("evaluate", help="metrics, tables and plots into artifacts/")
+    _common(p)
+    p = sub.add_parser("sweep", help="Optuna study over params (sweep.space)")
+    _common(p)
+    p.add_argument("--n-trials", type=int, help="trials to run in this process (default sweep.n_trials)")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes on the same study")
+    p = sub.add_parser("pipeline", help="run the Prefect pipeline flow once (DVC stages as tasks)")
+    _common(p)
+    p = sub.add_parser("serve", help="serve the Prefect pipeline flow with a cron schedule")
+    _common(p)
+    p.add_argument("--cron", default="0 2 * * *", help='cron schedule (default "0 2 * * *")')
+    p.add_argument("--name", default="nightly", help="deployment name")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow", "urllib3", "httpx", "git", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipelines.tracking import hermetic_env
+
+    hermetic_env(os.getcwd())
+    from pipelines.config import ConfigError, load_params
+
+    try:
+        params = load_params(args.params, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    progress = not args.no_progress and sys.stderr.isatty()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="mlflow")
+    try:
+        return _dispatch(args, params, progress)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, params, progress: bool) -> int:  # noqa: ANN001
+    from pipelines import stages
+
+    if args.command == "prepare":
+        stages.prepare(params, args.source, args.dataset, args.name)
+    elif args.command == "synthesize":
+        stages.synthesize(params)
+    elif args.command == "train":
+        stages.train(params, progress=progress, resume=not args.no_resume)
+    elif args.command == "evaluate":
+        stages.evaluate(params, progress=progress)
+    elif args.command == "sweep":
+        from pipelines.sweep import run_sweep
+
+        run_sweep(params, args.params, args.overrides, args.n_trials, args.timeout, args.workers, progress)
+    elif args.command == "pipeline":
+        from pipelines.flows import pipeline
+
+        pipeline(overrides=args.overrides)
+    elif args.command == "serve":
+        from pipelines.flows import serve
+
+        serve(args.cron, args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,305 @@
+"""params.yaml: the single source of every tunable value, validated once by pydantic.
+
+Unknown keys and wrong types are rejected with the key's dotted name and the allowed values,
+before any work starts. ``--set KEY=VALUE`` overrides are parsed as YAML scalars and validated the
+same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["ConfigError", "Params", "apply_overrides", "flatten", "load_params"]
+
+
+class ConfigError(ValueError):
+    """params.yaml or an override is invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SettingParams(_Strict):
+    """Which of the paper's settings to run."""
+
+    kind: Literal["single_class", "multi_class", "super_multi_class", "few_shot", "semi_supervised", "zero_shot"] = (
+        "multi_class"
+    )
+    few_shot_k: int = Field(4, ge=1)
+    semi_supervised_n: int = Field(10, ge=1)
+    zero_shot_source: str = ""  # folder of a trained model (source dataset) for zero-shot
+
+
+class SyntheticParams(_Strict):
+    """The embedded default dataset."""
+
+    seed: int = 0
+    size: int = Field(128, ge=32)
+    n_train: int = Field(60, ge=1)
+    n_test_good: int = Field(10, ge=1)
+    n_test_per_defect: int = Field(3, ge=1)
+    categories: list[str] = Field(default_factory=lambda: ["brick", "grass", "gravel", "washer"])
+
+
+class DataParams(_Strict):
+    """Where images come from and how they are shaped."""
+
+    dataset: Literal["synthetic", "folder", "flat", "mvtec", "visa", "realiad", "mpdd", "btad"] = "synthetic"
+    name: str = "synthetic"
+    source: str = ""  # --from: an archive or folder for air-gapped machines
+    extra_sources: list[str] = Field(default_factory=list)  # more prepared names (super-multi-class)
+    categories: list[str] = Field(default_factory=list)
+    image_size: int = Field(448, ge=14)
+    crop_size: int = Field(392, ge=14)
+    num_workers: int = Field(0, ge=0)
+    cache: bool = True
+    skip_bad: bool = False
+    synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> DataParams:
+        if self.crop_size > self.image_size:
+            msg = f"data.crop_size ({self.crop_size}) must not exceed data.image_size ({self.image_size})"
+            raise ValueError(msg)
+        if self.crop_size % 14:
+            msg = f"data.crop_size ({self.crop_size}) must be a multiple of the patch size 14"
+            raise ValueError(msg)
+        return self
+
+
+class SynthesisParams(_Strict):
+    """Pseudo anomalies for the INP-Former++ head (spec §13.6)."""
+
+    enabled: bool = True
+    texture_dir: str = ""
+    empty_prob: float = Field(0.5, ge=0, le=1)
+    beta_max: float = Field(0.8, ge=0, le=1)
+    num_augmenters: int = Field(3, ge=0, le=10)
+    max_perlin_exponent: int = Field(6, ge=1, le=8)
+    threshold: float = 0.5
+    rotate_prob: float = Field(0.3, ge=0, le=1)
+    bank_copies: int = Field(4, ge=0)  # 0: synthesise on the fly every epoch
+    seed: int = 0
+
+
+class ModelParams(_Strict):
+    """INP-Former(++) architecture (spec §3–§7, §13.4)."""
+
+    encoder: str = "dinov2reg_vit_base_14"
+    pretrained: bool | Literal["auto"] = "auto"
+    weights: str = ""
+    weights_dir: str = "weights"
+    download: bool = True
+    num_prototypes: int = Field(6, ge=1)
+    taps: list[int] | None = None
+    encoder_groups: list[list[int]] = Field(default_factory=lambda: [[0, 1, 2, 3], [4, 5, 6, 7]])
+    decoder_groups: list[list[int]] = Field(default_factory=lambda: [[0, 1, 2, 3], [4, 5, 6, 7]])
+    decoder_depth: int = Field(8, ge=1)
+    extractor_depth: int = Field(1, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    norm_eps: float = Field(1e-8, gt=0)
+    bottleneck_dropout: float = Field(0.0, ge=0, lt=1)
+    init_std: float = Field(0.01, gt=0)
+    init_bound: float = Field(0.03, gt=0)
+    pos_embed_interp: Literal["official", "timm"] = "official"
+    encoder_fused_attn: bool = False
+    seg_head: Literal["onenip", "plain", "none"] = "onenip"
+    seg_head_channels: int = Field(256, ge=1)
+
+
+class LossParams(_Strict):
+    """L = L_sm + λ·L_coh (+ β·L_seg) (spec §8, §13)."""
+
+    gamma: float = Field(3.0, ge=0)
+    lam: float = Field(0.2, ge=0)
+    coherence: Literal["hard", "soft"] = "hard"
+    soft_temperature: float = Field(1.0, gt=0)
+    mse_weight: float = Field(0.0, ge=0)
+    mse_gamma: float | None = None
+    mse_reduction: Literal["mean", "sum"] = "mean"
+    seg_weight: float = Field(1.0, ge=0)
+    dice_eps: float = Field(1e-6, gt=0)
+    dice_only_anomalous: bool = True
+
+
+class TrainParams(_Strict):
+    """Optimisation (spec §9) and run control."""
+
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, ge=0)
+    final_lr: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(100, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-10, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    amsgrad: bool = True
+    clip_threshold: float = Field(1.0, gt=0)
+    grad_clip: float = Field(0.1, ge=0)
+    head_grad_clip: float = Field(0.1, ge=0)
+    head_lr_scale: float = Field(1.0, gt=0)
+    residual_mode: Literal["joint", "two_stage", "off"] = "joint"
+    head_epochs: int = Field(100, ge=0)
+    device: str = "auto"
+    amp: Literal["none", "bf16"] = "none"
+    checkpoint_every: int = Field(0, ge=0)
+    deterministic: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "mps") and not v.startswith("cuda"):
+            msg = f"train.device must be auto, cpu, mps or cuda[:N], got {v!r}"
+            raise ValueError(msg)
+        return v
+
+
+class EvalParams(_Strict):
+    """Anomaly maps, post-processing and metrics (spec §12, §13.8)."""
+
+    map: Literal["auto", "fused", "reconstruction", "inp_distance"] = "auto"
+    resize: int = Field(256, ge=8)
+    blur_kernel: int = Field(5, ge=0)
+    blur_sigma: float = Field(4.0, gt=0)
+    top_ratio: float = Field(0.01, ge=0, le=1)
+    fused_l2_norm: Literal["none", "channel_rms", "relative"] = "none"
+    metrics_mode: Literal["exact", "binned"] = "exact"
+    fpr_limit: float = Field(0.3, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)
+    plots: bool = True
+    grid_images: int = Field(8, ge=0)
+
+
+class TrackingParams(_Strict):
+    """MLflow tracking and registry."""
+
+    enabled: bool = True
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_location: str = "mlruns/artifacts"
+    experiment: str = "inpformer"
+    registered_model: str = "inpformer"
+    log_model: bool = True
+
+
+class SweepParams(_Strict):
+    """Optuna sweeps (M, γ, λ, ...)."""
+
+    study: str = "inpformer-sweep"
+    storage: str = "sqlite:///artifacts/sweep/optuna.db"
+    n_trials: int = Field(20, ge=1)
+    timeout_s: float | None = None
+    seed: int = 0
+    direction: Literal["maximize", "minimize"] = "maximize"
+    metric: str = "mad"
+    objective_split: Literal["validation", "test"] = "validation"
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    pruner: Literal["median", "wilcoxon", "none"] = "median"
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {
+            "model.num_prototypes": {"type": "int", "low": 2, "high": 12},
+            "loss.gamma": {"type": "float", "low": 0.0, "high": 5.0},
+            "loss.lam": {"type": "float", "low": 0.01, "high": 1.0, "log": True},
+        }
+    )
+
+
+class Params(_Strict):
+    """The whole of params.yaml."""
+
+    seed: int = 1
+    setting: SettingParams = Field(default_factory=SettingParams)
+    data: DataParams = Field(default_factory=DataParams)
+    synthesis: SynthesisParams = Field(default_factory=SynthesisParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    loss: LossParams = Field(default_factory=LossParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    eval: EvalParams = Field(default_factory=EvalParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    sweep: SweepParams = Field(default_factory=SweepParams)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = e["loc"][:-1]
+            model: Any = Params
+            for p in parent:
+                field = model.model_fields.get(str(p))
+                model = field.annotation if field is not None else None
+                if model is None or not isinstance(model, type) or not issubclass(model, BaseModel):
+                    break
+            allowed = sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+            lines.append(f"  {key}: unknown key (allowed here: {', '.join(allowed)})")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``KEY=VALUE`` overrides (values parsed as YAML) to a raw params tree."""
+    for item in overrides or []:
+        if "=" not in item:
+            msg = f"--set expects KEY=VALUE, got {item!r}"
+            raise ConfigError(msg)
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            msg = f"--set {key}: cannot parse value {raw!r} ({err})"
+            raise ConfigError(msg) from err
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def load_params(path: str | os.PathLike | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override and validate params (a missing file means all defaults)."""
+    tree: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path and Path(path).is_file():
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            msg = f"{path}: not valid YAML ({err})"
+            raise ConfigError(msg) from err
+        if not isinstance(tree, dict):
+            msg = f"{path}: expected a mapping of sections, got {type(tree).__name__}"
+            raise ConfigError(msg)
+    elif path and Path(path).name != "params.yaml":
+        msg = f"params file {path} not found"
+        raise ConfigError(msg)
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source + (" (with --set overrides)" if overrides else ""))) from err
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict → ``{"a.b.c": value}`` (lists kept as their string form)."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, BaseModel):
+        tree = tree.model_dump()
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    out[prefix[:-1]] = tree
+    return out
