@@ -87,7 +87,7 @@ def _dispatch(args: argparse.Namespace, params, progress: bool) -> int:  # noqa:
     if args.command == "prepare":
         stages.prepare(params, args.source, args.dataset, args.name)
     elif args.command == "synthesize":
-        stages.synthesize(params)
+        stages.synthesize(params, progress)
     elif args.command == "train":
         stages.train(params, progress=progress, resume=not args.no_resume)
     elif args.command == "evaluate":

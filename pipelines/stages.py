@@ -126,7 +126,10 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
             root / "test_good" if (root / "test_good").is_dir() else None,
             category=name, seed=p.seed, report=report,
         )  # fmt: skip
-    records = validate_records(records, report, skip_bad=p.data.skip_bad)
+    raw_dir.mkdir(parents=True, exist_ok=True)  # a DVC out even when the images stay where they are
+    if kind in ("folder", "flat"):
+        atomic_write_text(raw_dir / "SOURCE.txt", f"{kind}: {Path(source).resolve()}\n")
+    records = validate_records(records, report, skip_bad=p.data.skip_bad, progress=False)
     report.raise_if_problems(
         "Fix or remove the files listed above, or set data.skip_bad: true to skip them (they are counted)."
     )
@@ -187,7 +190,7 @@ def _groups(p: Params, records: list[Record]) -> dict[str, list[Record]]:
 
 
 # -- synthesize ------------------------------------------------------------------------------------
-def synthesize(p: Params) -> Path:
+def synthesize(p: Params, progress: bool = True) -> Path:
     """Write the fixed pseudo-anomaly bank ``data/synth/<name>/`` (images, masks, index.csv)."""
     from PIL import Image
 
@@ -202,14 +205,14 @@ def synthesize(p: Params) -> Path:
 
         tf = build_transform(p)
         train = [r for r in _records(p) if r.split == "train"]
-        for i, rec in enumerate(tqdm(train, desc="synthesize", leave=False)):
+        for i, rec in enumerate(tqdm(train, desc="synthesize", leave=False, disable=not progress)):
             unit = tf.to_unit(read_rgb(rec.path)).permute(1, 2, 0).numpy()
             for c in range(p.synthesis.bank_copies):
                 rng = np.random.default_rng([p.synthesis.seed, c, i])
                 aug, mask, beta = synth(unit, rng)
                 stem = f"{i:06d}_{c}"
-                Image.fromarray((aug * 255 + 0.5).clip(0, 255).astype(np.uint8)).save(tmp / f"{stem}.png")
-                Image.fromarray((mask * 255).astype(np.uint8), "L").save(tmp / f"{stem}_mask.png")
+                Image.fromarray((aug * 255 + 0.5).clip(0, 255).astype(np.uint8)).save(tmp / f"{stem}.png", compress_level=1)
+                Image.fromarray((mask * 255).astype(np.uint8), "L").save(tmp / f"{stem}_mask.png", compress_level=1)
                 lines.append(f"{rec.path},{c},{stem}.png,{stem}_mask.png,{int(mask.any())}")
     (tmp / "index.csv").write_text("\n".join(lines) + "\n")
     if out.exists():

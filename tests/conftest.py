@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random-weight models, offline and on CPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY = {"embed_dim": 32, "num_heads": 2}
+
+
+def tiny_model(**kw):
+    """A DINOv2-shaped InpFormer with a 32-wide encoder (fast on CPU)."""
+    from components.model import InpFormer
+
+    args = dict(
+        encoder_name="dinov2reg_vit_small_14",
+        image_size=56,
+        num_prototypes=3,
+        pretrained=False,
+        encoder_overrides=TINY,
+        seg_head="onenip",
+        seg_head_channels=8,
+    )
+    args.update(kw)
+    return InpFormer(**args)
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return tiny_model()

@@ -1,0 +1,131 @@
+"""Training engine: resumable, deterministic checkpoints without pickle; two-stage head training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from torch.utils.data import Dataset
+
+from components.checkpoint import latest_checkpoint, load_model, save_model
+from components.engine import TrainConfig, predict, seed_everything, train
+from components.losses import DiceLoss, NormalPatternLoss
+
+
+class _Toy(Dataset):
+    """Deterministic images with a pseudo anomaly square that depends on (epoch, index)."""
+
+    def __init__(self, n: int = 8, size: int = 56) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, 3, size, size, generator=g)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        img = self.images[i]
+        mask = torch.zeros(1, *img.shape[-2:])
+        y = (3 * self.epoch + i) % 40
+        mask[:, y : y + 12, y : y + 12] = 1
+        return {"image": img, "anomaly_image": img + 2 * mask, "anomaly_mask": mask, "label": 0, "mask": mask * 0}
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=3, batch_size=4, warmup_iters=2, progress=False, seed=1, checkpoint_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _run(tmp_path, cfg, stop_after=None, resume=True):
+    seed_everything(1)
+    model = tiny_model()
+    losses: list[float] = []
+
+    def on_it(m: dict) -> None:
+        losses.append(m["total"])
+        if stop_after is not None and m["iteration"] == stop_after:
+            raise KeyboardInterrupt("simulated kill")
+
+    try:
+        train(model, _Toy(), cfg, NormalPatternLoss(), DiceLoss(), tmp_path / "ckpt", {"model": {}}, resume, on_iteration=on_it)
+    except KeyboardInterrupt:
+        pass
+    return model, losses
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path) -> None:
+    full, full_losses = _run(tmp_path / "a", _cfg())
+    _, first = _run(tmp_path / "b", _cfg(), stop_after=3)  # killed mid-epoch 2 (2 it/epoch)
+    assert len(first) == 3
+    ck = latest_checkpoint(tmp_path / "b" / "ckpt")
+    done = json.loads((ck / "train_state.json").read_text())["progress"]["global_iteration"]
+    assert done == 2  # the kill came before iteration 3's checkpoint: it is redone
+    resumed, rest = _run(tmp_path / "b", _cfg())
+    assert len(rest) == len(full_losses) - done
+    assert rest == pytest.approx(full_losses[done:], rel=1e-5, abs=1e-7)
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_checkpoints_are_safetensors_and_json(tmp_path) -> None:
+    _run(tmp_path, _cfg(epochs=1))
+    ck = latest_checkpoint(tmp_path / "ckpt")
+    files = sorted(p.name for p in ck.iterdir())
+    assert files == ["config.json", "model.safetensors", "train_state.json", "train_state.safetensors"]
+    state = json.loads((ck / "train_state.json").read_text())
+    assert state["progress"]["epoch"] == 1 and state["progress"]["global_iteration"] == 2
+    assert all(b"pickle" not in p.read_bytes()[:64] for p in ck.iterdir())
+
+
+def test_incomplete_checkpoint_is_not_trusted(tmp_path) -> None:
+    _run(tmp_path, _cfg(epochs=1))
+    ck = latest_checkpoint(tmp_path / "ckpt")
+    (ck / "train_state.safetensors").unlink()  # a crash mid-write
+    assert latest_checkpoint(tmp_path / "ckpt") is None
+
+
+def test_two_stage_trains_head_after_trunk(tmp_path) -> None:
+    seed_everything(1)
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    snapshots = {}
+
+    def on_it(m: dict) -> None:
+        if m["phase"] == "head" and "trunk" not in snapshots:
+            snapshots["trunk"] = model.decoder[0].mlp.fc1.weight.detach().clone()
+
+    cfg = _cfg(epochs=1, head_epochs=1, residual_mode="two_stage", checkpoint_every=0)
+    out = train(model, _Toy(), cfg, NormalPatternLoss(), DiceLoss(), None, on_iteration=on_it)
+    phases = [h["phase"] for h in out["history"]]
+    assert phases == ["main", "head"]
+    assert "seg" not in out["history"][0] and "seg" in out["history"][1]
+    assert torch.equal(snapshots["trunk"], model.decoder[0].mlp.fc1.weight)  # trunk frozen in stage 2
+    assert not torch.equal(before["seg_head.predictor.weight"], model.seg_head.predictor.weight)
+
+
+def test_too_few_images_for_a_batch(tmp_path) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        train(tiny_model(), _Toy(n=3), _cfg(batch_size=4), NormalPatternLoss())
+
+
+def test_save_load_model_roundtrip_and_predict(tmp_path) -> None:
+    seed_everything(0)
+    model = tiny_model()
+    kwargs = dict(encoder_name="dinov2reg_vit_small_14", image_size=56, num_prototypes=3,
+                  encoder_overrides={"embed_dim": 32, "num_heads": 2}, seg_head="onenip", seg_head_channels=8)  # fmt: skip
+    save_model(tmp_path / "m", model, {"model": kwargs, "encoder_pretrained": False})
+    loaded, cfg = load_model(tmp_path / "m")
+    x = _Toy(4)
+    for kind in ("reconstruction", "fused", "inp_distance"):
+        a = predict(model, x, kind, batch_size=2, resize=64, progress=False)
+        b = predict(loaded, x, kind, batch_size=2, resize=64, progress=False)
+        assert a.maps.shape == (4, 64, 64) and a.scores.shape == (4,)
+        assert torch.allclose(torch.from_numpy(a.maps), torch.from_numpy(b.maps), atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path / "missing")

@@ -1,0 +1,259 @@
+"""Model: shapes, gradients, parity with an independent reference of the official code, interop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TINY, tiny_model
+from reference_inpformer import ref_encoder_taps, ref_global_cosine_hm_adaptive, ref_inpformer, ref_pos_embed
+
+from components.losses import NormalPatternLoss
+from components.model import EncoderWeightsError, FrozenDinoEncoder, InpFormer
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize(
+    ("name", "taps"),
+    [
+        ("dinov2reg_vit_small_14", (2, 3, 4, 5, 6, 7, 8, 9)),
+        ("dinov2reg_vit_base_14", (2, 3, 4, 5, 6, 7, 8, 9)),
+        ("dinov2reg_vit_large_14", (4, 6, 8, 10, 12, 14, 16, 18)),
+    ],
+)
+def test_token_grid_and_shapes(name: str, taps: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = InpFormer(name, image_size=392, num_prototypes=6, pretrained=False, encoder_overrides=TINY, seg_head=None)
+    assert model.encoder.taps == taps
+    x = torch.randn(2, 3, 392, 392)
+    tokens, grid = model.encoder.prepare_tokens(x)
+    assert grid == (28, 28)
+    assert tokens.shape == (2, 789, 32)  # cls + 4 registers + 784 patches (spec §17)
+    out = model(x)
+    assert len(out.encoder_groups) == len(out.decoder_groups) == 2
+    for g in out.encoder_groups + out.decoder_groups:
+        assert g.shape == (2, 32, 28, 28)
+    assert out.prototypes.shape == (2, 6, 32)
+    assert out.fused_features.shape == (2, 784, 32)
+    expected_depth = 24 if "large" in name else 12
+    assert model.encoder.depth == expected_depth
+
+
+def test_gradients_reach_trainables_not_encoder(tiny: InpFormer) -> None:
+    x = torch.randn(2, 3, 56, 56)
+    loss = NormalPatternLoss()(tiny(x))["total"]
+    loss.backward()
+    for n, p in tiny.named_parameters():
+        if n.startswith("encoder."):
+            assert p.grad is None and not p.requires_grad, n
+        elif n.startswith("seg_head."):
+            assert p.grad is None, f"normal-pattern loss must not reach the head ({n})"
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient for {n}"
+
+
+def test_segmentation_loss_reaches_only_the_head(tiny: InpFormer) -> None:
+    x = torch.randn(2, 3, 56, 56)
+    out = tiny(x)
+    logits = tiny.segment(out)
+    assert logits.shape == (2, 1, 56, 56)
+    torch.sigmoid(logits).mean().backward()
+    for n, p in tiny.named_parameters():
+        if n.startswith("seg_head."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None or p.grad.abs().sum() == 0, f"stop-gradient violated: {n}"
+
+
+def test_vit_b_parameter_counts() -> None:
+    model = InpFormer("dinov2reg_vit_base_14", image_size=392, pretrained=False, seg_head="onenip")
+    trunk = sum(p.numel() for p in model.trunk_parameters())
+    head = sum(p.numel() for p in model.head_parameters())
+    assert abs(trunk - 68.52e6) < 0.005e6  # spec §17: ≈ 68.52 M
+    assert abs(head - 2.885e6) < 0.001e6  # spec §13.4: OneNIP-style 256-channel head
+    dec = model.decoder[0]
+    assert dec.attn.learn_scale.shape == (12, 1, 1) and torch.all(dec.attn.learn_scale == 1)
+    assert model.prototype_token.shape == (6, 768)
+    # official init: trunc normal std 0.01 within ±0.03, zero bias, unit LayerNorm
+    w = model.decoder[3].mlp.fc1.weight.detach()
+    # N(0, 0.01²) cut at ±3σ has std 0.01·sqrt(1 − 6φ(3)/(2Φ(3) − 1)) ≈ 0.009866
+    assert w.abs().max() <= 0.03 and abs(float(w.std()) - 0.009866) < 0.0002
+    assert torch.all(model.decoder[3].mlp.fc1.bias == 0) and torch.all(model.decoder[3].norm1.weight == 1)
+    assert abs(float(model.prototype_token.detach().std()) - 1.0) < 0.1  # randn, untouched by the trunc init
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"num_prototypes": 0}, "num_prototypes"),
+        ({"encoder_name": "resnet50"}, "resnet50"),
+        ({"taps": (2, 3, 4, 5, 6, 7, 8, 12)}, "[12]"),
+        ({"image_size": 100}, "100"),
+        ({"encoder_groups": ((0, 1), (2, 9))}, "[9]"),
+    ],
+)
+def test_bad_configuration_fails_at_construction(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=None) as err:
+        tiny_model(**kwargs)
+    assert needle in str(err.value)
+
+
+def test_pos_embed_official_interpolation() -> None:
+    enc = FrozenDinoEncoder("small", pretrained=False, overrides=TINY)
+    table = enc.vit.pos_embed.detach()
+    assert torch.equal(enc.patch_pos_embed((37, 37)), enc.vit.pos_embed)  # 518 px: unchanged
+    got = enc.patch_pos_embed((28, 28))
+    c = table.shape[-1]
+    grid = table.reshape(1, 37, 37, c).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, scale_factor=28.1 / 37, mode="bicubic", antialias=False)
+    assert want.shape[-1] == 28
+    assert torch.allclose(got, want.permute(0, 2, 3, 1).reshape(1, -1, c))
+    by_size = torch.nn.functional.interpolate(grid, size=(28, 28), mode="bicubic", antialias=False)
+    assert not torch.allclose(got, by_size.permute(0, 2, 3, 1).reshape(1, -1, c))  # the 0.1 offset matters
+    timm_style = FrozenDinoEncoder("small", pretrained=False, overrides=TINY, pos_embed_interp="timm")
+    timm_style.load_state_dict(enc.state_dict())
+    assert not torch.allclose(timm_style.patch_pos_embed((28, 28)), got)
+
+
+def _official_state_dict(model: InpFormer, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in the official naming (encoder in Meta naming) for ``model``'s shapes."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    enc = model.encoder.vit.state_dict()
+    c = enc["cls_token"].shape[-1]
+    for k, v in enc.items():
+        if k in ("cls_token", "pos_embed", "reg_token") or k.startswith("norm."):
+            continue
+        scale = 0.02 if k.endswith("weight") and v.ndim > 1 else 0.1
+        base = 1.0 if (k.endswith("norm1.weight") or k.endswith("norm2.weight")) else 0.0
+        sd[f"encoder.{k}"] = base + scale * torch.randn(v.shape, generator=g)
+    sd["encoder.cls_token"] = torch.randn(1, 1, c, generator=g)
+    sd["encoder.pos_embed"] = 0.5 * torch.randn(1, 1 + 37 * 37, c, generator=g)
+    sd["encoder.register_tokens"] = torch.randn(1, 4, c, generator=g)
+    sd["encoder.mask_token"] = torch.zeros(1, c)
+    sd["encoder.norm.weight"] = torch.ones(c)
+    sd["encoder.norm.bias"] = torch.zeros(c)
+    for k, v in model.state_dict().items():
+        if k.startswith(("encoder.", "seg_head.")):
+            continue
+        name = "prototype_token.0" if k == "prototype_token" else k
+        if "norm" in k and k.endswith("weight"):
+            sd[name] = 1.0 + 0.1 * torch.randn(v.shape, generator=g)
+        elif k.endswith("learn_scale"):
+            sd[name] = 1.0 + 0.5 * torch.rand(v.shape, generator=g)
+        else:
+            sd[name] = 0.08 * torch.randn(v.shape, generator=g)
+    return sd
+
+
+@pytest.mark.parametrize("size", [224, 56])
+def test_parity_with_reference_official_computation(size: int) -> None:
+    torch.manual_seed(0)
+    model = tiny_model(image_size=size, num_prototypes=6, seg_head=None)
+    sd = _official_state_dict(model)
+    model.load_official_state_dict(sd)
+    assert model.pretrained_loaded
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+    ref = {k: v.clone().requires_grad_(not k.startswith("encoder.")) for k, v in sd.items()}
+    en_r, de_r, g_r, p_r, fq_r = ref_inpformer(ref, x, list(model.encoder.taps), heads=2)
+    loss_r = ref_global_cosine_hm_adaptive(en_r, de_r, 3.0) + 0.2 * g_r
+    loss_r.backward()
+
+    out = model(x)
+    loss_fn = NormalPatternLoss(gamma=3.0, lam=0.2, coherence="hard")
+    terms = loss_fn(out)
+    terms["total"].backward()
+
+    taps_r = ref_encoder_taps({k[8:]: v for k, v in sd.items() if k.startswith("encoder.")}, x, list(model.encoder.taps), 2)
+    taps, _ = model.encoder(x)
+    for a, b in zip(taps, taps_r):
+        assert rel_err(a, b) <= 1e-5
+    assert rel_err(out.fused_features, fq_r) <= 1e-5
+    assert rel_err(out.prototypes, p_r) <= 1e-5
+    assert abs(float(terms["coherence"]) - float(g_r)) <= 1e-5 * abs(float(g_r))
+    assert abs(float(terms["total"]) - float(loss_r)) <= 1e-5 * abs(float(loss_r))
+    for a, b in zip(out.encoder_groups, en_r):
+        assert rel_err(a, b) <= 1e-5
+    for a, b in zip(out.decoder_groups, de_r):
+        assert rel_err(a, b) <= 1e-4
+    for i, blk in enumerate(model.decoder):
+        for n, p in blk.named_parameters():
+            assert rel_err(p.grad, ref[f"decoder.{i}.{n}"].grad) <= 1e-3, f"decoder.{i}.{n}"
+    assert rel_err(model.prototype_token.grad, ref["prototype_token.0"].grad) <= 1e-3
+
+
+def test_pos_embed_reference_agrees_for_identity() -> None:
+    pos = torch.randn(1, 1 + 37 * 37, 8)
+    assert torch.equal(ref_pos_embed(pos, 37), pos)
+
+
+def test_load_official_state_dict_rejects_wrong_keys(tiny: InpFormer) -> None:
+    sd = _official_state_dict(tiny)
+    sd.pop("decoder.0.attn.q.weight")
+    with pytest.raises(KeyError, match=r"decoder\.0\.attn\.q\.weight"):
+        tiny.load_official_state_dict(sd)
+
+
+def test_encoder_weight_files_meta_and_timm(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = FrozenDinoEncoder("small", pretrained=False, overrides=TINY)
+    x = torch.randn(1, 3, 56, 56)
+    want, _ = ref(x)
+    # timm format (safetensors)
+    save_file({k: v.contiguous() for k, v in ref.vit.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    enc = FrozenDinoEncoder("small", pretrained=True, weights=tmp_path / "w.safetensors", overrides=TINY)
+    assert enc.pretrained_loaded
+    got, _ = enc(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # Meta format (.pth, loaded with weights_only=True): cls without its position, pos with cls row
+    sd = {k: v.clone() for k, v in ref.vit.state_dict().items()}
+    pos0 = torch.zeros(1, 1, sd["cls_token"].shape[-1])
+    meta = {k: v for k, v in sd.items() if k not in ("cls_token", "pos_embed", "reg_token")}
+    meta.update(cls_token=sd["cls_token"], pos_embed=torch.cat([pos0, sd["pos_embed"]], 1),
+                register_tokens=sd["reg_token"], mask_token=torch.zeros(1, sd["cls_token"].shape[-1]))  # fmt: skip
+    torch.save(meta, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    enc2 = FrozenDinoEncoder("small", pretrained=True, weights_dir=tmp_path, overrides=TINY)
+    assert enc2.pretrained_loaded and enc2.weights_source.endswith(".pth")
+    got2, _ = enc2(x)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got2, want))
+
+
+def test_offline_pretrained_true_fails_clearly(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncoderWeightsError) as err:
+        FrozenDinoEncoder("base", pretrained=True, weights_dir=tmp_path, overrides=TINY)
+    msg = str(err.value)
+    assert "dinov2_vitb14_reg4_pretrain.pth" in msg and "model.encoder.weights" in msg and "HF_HUB_OFFLINE" in msg
+
+
+def test_offline_auto_warns_and_records(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.warns(UserWarning, match="RANDOM-INIT ENCODER"):
+        enc = FrozenDinoEncoder("small", pretrained="auto", weights_dir=tmp_path, overrides=TINY)
+    assert enc.pretrained_loaded is False and enc.weights_source == "random-init"
+
+
+def test_missing_weight_file_is_named(tmp_path) -> None:
+    with pytest.raises(EncoderWeightsError, match="nope.pth"):
+        FrozenDinoEncoder("small", pretrained=True, weights=tmp_path / "nope.pth", overrides=TINY)
+
+
+def test_encoder_stays_frozen_in_train_mode(tiny: InpFormer) -> None:
+    tiny.train()
+    assert not tiny.encoder.training and tiny.decoder.training
+    assert all(not p.requires_grad for p in tiny.encoder.parameters())
+
+
+def test_attention_output_for_figure(tiny: InpFormer) -> None:
+    out = tiny(torch.randn(1, 3, 56, 56), return_attention=True)
+    assert len(out.attention) == 8
+    assert out.attention[0].shape == (1, 2, 16, 3)  # B×heads×N×M
+    assert torch.all(out.attention[0] >= 0)  # ReLU attention
+    assert math.isfinite(float(out.attention[-1].sum()))
