@@ -60,6 +60,7 @@ def model_kwargs(p: Params) -> dict[str, Any]:
         "download": m.download,
         "seg_head": None if m.seg_head == "none" else m.seg_head,
         "seg_head_channels": m.seg_head_channels,
+        "encoder_overrides": dict(m.encoder_overrides) or None,
     }
 
 

@@ -111,6 +111,7 @@ class ModelParams(_Strict):
     encoder_fused_attn: bool = False
     seg_head: Literal["onenip", "plain", "none"] = "onenip"
     seg_head_channels: int = Field(256, ge=1)
+    encoder_overrides: dict[str, int] = Field(default_factory=dict)  # dev/tests: tiny encoders (no real weights)
 
 
 class LossParams(_Strict):

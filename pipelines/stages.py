@@ -95,6 +95,12 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
     source = source if source is not None else p.data.source
     report = ScanReport()
     raw_dir = DATA / "raw" / name
+    if kind == "dtd":  # the texture source of the pseudo anomalies, not a dataset to index
+        root = fetch_dataset("dtd", DATA / "raw" / "dtd", source or None)
+        images = root / "images" if (root / "images").is_dir() else root
+        n = sum(1 for f in images.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        print(f"DTD textures: {n} images in {images}\nSet synthesis.texture_dir: {images}")
+        return images
     if kind == "synthetic":
         from components.data.synthetic import generate_synthetic
 

@@ -1,0 +1,165 @@
+"""Prefect flows: the DVC stages as tasks, scheduled reruns, and a metrics table artifact.
+
+One direction of control: Prefect → DVC → plain ``inpformer`` commands. Each task runs
+``dvc repro --single-item <stage>`` under a workspace file lock (DVC allows one command per
+workspace), streams its output into the Prefect logs and retries the I/O stages. Flow parameters
+(``overrides``) are written into params.yaml the way ``dvc exp run -S`` does (comments kept) and
+the finished run is saved as a DVC experiment (``dvc exp save``), so a rerun from the UI with other
+values is a DVC experiment; params.yaml is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+__all__ = ["STAGES", "pipeline", "serve"]
+
+STAGES = ("prepare", "synthesize", "train", "evaluate")
+METRIC_COLUMNS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro", "mad")
+
+
+@contextlib.contextmanager
+def workspace_lock(root: Path) -> Iterator[None]:
+    """Exclusive lock: at most one DVC command per workspace at a time."""
+    lock_dir = root / ".dvc" / "tmp"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / "inpformer-flow.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _dvc() -> str:
+    local = Path(sys.executable).parent / "dvc"
+    return str(local) if local.exists() else (shutil.which("dvc") or "dvc")
+
+
+def run_command(cmd: list[str], root: Path) -> None:
+    """Run a command in ``root``, streaming its output to the Prefect logger; raise on failure."""
+    logger = get_run_logger()
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    logger.info("$ %s", " ".join(cmd))
+    with workspace_lock(root):
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                logger.info(line)
+        code = proc.wait()
+    if code != 0:
+        msg = f"{' '.join(cmd)} exited with {code}"
+        raise RuntimeError(msg)
+
+
+@task(name="dvc-stage-io", retries=2, retry_delay_seconds=[5, 30])
+def io_stage(stage: str, root: str) -> str:
+    """An I/O stage (prepare, synthesize): retried on failure."""
+    run_command([_dvc(), "repro", "--single-item", stage], Path(root))
+    return stage
+
+
+@task(name="dvc-stage")
+def compute_stage(stage: str, root: str) -> str:
+    """A compute stage (train, evaluate): resumes from checkpoints if rerun, so no blind retries."""
+    run_command([_dvc(), "repro", "--single-item", stage], Path(root))
+    return stage
+
+
+def _set_dotted(tree, key: str, value) -> None:  # noqa: ANN001
+    node = tree
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if p not in node or not hasattr(node[p], "keys"):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+@task(name="apply-params")
+def apply_params(overrides: list[str], root: str) -> str:
+    """Write ``KEY=VALUE`` overrides into params.yaml (comments kept); return the backup path."""
+    import yaml
+    from ruamel.yaml import YAML
+
+    from pipelines.config import load_params
+
+    path = Path(root) / "params.yaml"
+    backup = path.with_name(".params.yaml.flow-backup")
+    shutil.copyfile(path, backup)
+    load_params(path, overrides)  # validate before touching the file
+    ry = YAML()
+    ry.preserve_quotes = True
+    tree = ry.load(path.read_text())
+    for item in overrides:
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    with open(path, "w") as fh:
+        ry.dump(tree, fh)
+    return str(backup)
+
+
+@task(name="save-experiment")
+def save_experiment(name: str | None, root: str) -> None:
+    """Record the workspace (params, lock, metrics) as a DVC experiment."""
+    cmd = [_dvc(), "exp", "save", "-f"] + (["-n", name] if name else [])
+    run_command(cmd, Path(root))
+
+
+@task(name="publish-metrics")
+def publish_metrics(root: str) -> dict:
+    """Table artifact of the metrics (percent) with a link to the MLflow run."""
+    root_p = Path(root)
+    metrics = json.loads((root_p / "artifacts" / "metrics.json").read_text())
+    rows = []
+    for cat, vals in [*metrics["categories"].items(), ("mean", metrics["mean"])]:
+        rows.append({"category": cat, **{k: round(100 * float(vals[k]), 2) for k in METRIC_COLUMNS if k in vals}})
+    run_file = root_p / "artifacts" / "eval_run.json"
+    run_id = json.loads(run_file.read_text()).get("run_id", "") if run_file.is_file() else ""
+    ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    link = f"{ui}/#/runs/{run_id}" if run_id else "(tracking disabled)"
+    create_table_artifact(key="inpformer-metrics", table=rows, description=f"Metrics (%); MLflow run: {link}")
+    create_markdown_artifact(key="inpformer-mlflow-run", markdown=f"[MLflow run {run_id}]({link})")
+    return {"rows": rows, "mlflow_run": link}
+
+
+@flow(name="inpformer-pipeline", log_prints=True)
+def pipeline(overrides: list[str] | None = None, experiment_name: str | None = None, root: str = ".") -> dict:
+    """Run prepare → synthesize → train → evaluate as tasks; publish the metrics table.
+
+    Args:
+        overrides: ``KEY=VALUE`` params overrides (as ``dvc exp run -S``); the run is saved as a DVC
+            experiment named ``experiment_name``.
+        experiment_name: name of the saved DVC experiment (with overrides).
+        root: the project workspace.
+    """
+    root = str(Path(root).resolve())
+    backup = apply_params(list(overrides), root) if overrides else None
+    try:
+        for stage in STAGES:
+            (io_stage if stage in ("prepare", "synthesize") else compute_stage)(stage, root)
+        if backup:
+            save_experiment(experiment_name, root)
+        return publish_metrics(root)
+    finally:
+        if backup:
+            shutil.move(backup, Path(root) / "params.yaml")
+
+
+def serve(cron: str = "0 2 * * *", name: str = "nightly") -> None:
+    """Serve the pipeline with a cron schedule (visible in the Prefect UI; reruns with parameters)."""
+    pipeline.serve(name=name, cron=cron, parameters={"overrides": [], "root": os.getcwd()}, limit=1)
