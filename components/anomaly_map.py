@@ -40,8 +40,7 @@ def reconstruction_map(
 ) -> torch.Tensor:
     """Conference anomaly map B×1×H×W (spec §12.1)."""
     maps = [
-        _up((1.0 - F.cosine_similarity(e, d, dim=1)).unsqueeze(1), size)
-        for e, d in zip(encoder_groups, decoder_groups)
+        _up((1.0 - F.cosine_similarity(e, d, dim=1)).unsqueeze(1), size) for e, d in zip(encoder_groups, decoder_groups)
     ]
     return torch.cat(maps, dim=1).mean(dim=1, keepdim=True)
 

@@ -123,7 +123,7 @@ def _phases(cfg: TrainConfig, has_head: bool) -> list[_Phase]:
     return phases
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):  # noqa: ANN202
+def _autocast(cfg: TrainConfig, device: torch.device):
     if cfg.amp == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
@@ -169,10 +169,7 @@ def train(
     n = len(dataset)  # type: ignore[arg-type]
     per_epoch = n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
     if per_epoch < 1:
-        msg = (
-            f"{n} training images give no full batch of {cfg.batch_size}: lower train.batch_size "
-            "or add images."
-        )
+        msg = f"{n} training images give no full batch of {cfg.batch_size}: lower train.batch_size or add images."
         raise ValueError(msg)
     model_config = model_config or {}
     history: list[dict[str, float]] = []
@@ -212,7 +209,7 @@ def train(
     }
 
 
-def _setup_phase(model: Any, cfg: TrainConfig, phase: _Phase, per_epoch: int, has_head: bool):  # noqa: ANN202
+def _setup_phase(model: Any, cfg: TrainConfig, phase: _Phase, per_epoch: int, has_head: bool):
     trunk, head = model.trunk_parameters(), model.head_parameters()
     if phase.name == "main":
         for p in trunk:
@@ -238,7 +235,7 @@ def _setup_phase(model: Any, cfg: TrainConfig, phase: _Phase, per_epoch: int, ha
 def _run_phase(
     model, dataset, cfg, phase, phase_idx, progress, history, optimizer, schedule, trainable,
     loss_fn, dice, has_head, device, checkpoint_dir, model_config, on_iteration, on_epoch,
-) -> None:  # fmt: skip  # noqa: ANN001
+) -> None:  # fmt: skip
     from tqdm.auto import tqdm
 
     joint = phase.name == "main" and has_head and cfg.residual_mode == "joint"
@@ -302,20 +299,24 @@ def _fmt(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, float))
 
 
-def _step_losses(model, batch, loss_fn, dice, device, joint, head_only, cfg) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def _step_losses(model, batch, loss_fn, dice, device, joint, head_only, cfg) -> dict[str, torch.Tensor]:
     values: dict[str, torch.Tensor] = {}
     if not head_only:
-        images = batch["image"].to(device, non_blocking=True)
-        out = model(images)
+        if "features" in batch:  # cached encoder outputs (components.feature_cache)
+            out = model.forward_cached(batch["features"].to(device, non_blocking=True))
+        else:
+            out = model(batch["image"].to(device, non_blocking=True))
         values = loss_fn(out)
     if joint or head_only:
-        if "anomaly_image" not in batch:
+        if "anomaly_image" not in batch and "anomaly_features" not in batch:
             msg = "residual learning needs 'anomaly_image'/'anomaly_mask' in the batch (enable synthesis)."
             raise KeyError(msg)
-        aug = batch["anomaly_image"].to(device, non_blocking=True)
         mask = batch["anomaly_mask"].to(device, non_blocking=True)
         with torch.no_grad():  # the residual is detached (§13.3): no trunk graph is needed
-            out_a = model(aug)
+            if "anomaly_features" in batch:
+                out_a = model.forward_cached(batch["anomaly_features"].to(device, non_blocking=True))
+            else:
+                out_a = model(batch["anomaly_image"].to(device, non_blocking=True))
         probs = torch.sigmoid(model.segment(out_a, size=tuple(mask.shape[-2:])).float())
         seg = dice(probs, mask.float())
         values["seg"] = seg

@@ -128,9 +128,7 @@ class SoftMiningLoss(nn.Module):
         self.mse_gamma = float(gamma if mse_gamma is None else mse_gamma)
         self.mse_reduction = mse_reduction
 
-    def terms(
-        self, encoder_groups: list[torch.Tensor], decoder_groups: list[torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def terms(self, encoder_groups: list[torch.Tensor], decoder_groups: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return ``{"cos": ..., "mse": ...}`` (mse is 0 when the branch is off)."""
         cos_terms, mse_terms = [], []
         for enc, dec in zip(encoder_groups, decoder_groups):
@@ -220,8 +218,13 @@ class NormalPatternLoss(nn.Module):
         self.mining = SoftMiningLoss(gamma, mse_weight, mse_gamma, mse_reduction)
         self.coherence = HardCoherenceLoss() if coherence == "hard" else SoftCoherenceLoss(soft_temperature)
 
-    def forward(self, out) -> dict[str, torch.Tensor]:  # noqa: ANN001 - InpFormerOutput
+    def forward(self, out) -> dict[str, torch.Tensor]:
         """Return ``{"total", "cos", "mse", "coherence"}`` for a model output."""
         t = self.mining.terms(out.encoder_groups, out.decoder_groups)
         coh = self.coherence(out.fused_features, out.prototypes)
-        return {"total": t["cos"] + t["mse"] + self.lam * coh, "cos": t["cos"], "mse": t["mse"], "coherence": coh}
+        return {
+            "total": t["cos"] + t["mse"] + self.lam * coh,
+            "cos": t["cos"],
+            "mse": t["mse"],
+            "coherence": coh,
+        }

@@ -82,9 +82,7 @@ def _check_finite(arr: np.ndarray, what: str) -> None:
         raise ValueError(msg)
 
 
-def curve_points(
-    scores: np.ndarray, labels: np.ndarray, pro_weights: np.ndarray | None = None
-) -> Curve:
+def curve_points(scores: np.ndarray, labels: np.ndarray, pro_weights: np.ndarray | None = None) -> Curve:
     """Exact cumulative TP/FP (and PRO) counts at every distinct score, descending.
 
     Args:
@@ -198,7 +196,12 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     _check_finite(scores, "image scores")
     c = curve_points(scores.astype(np.float32), labels)
     f1, thr = _f1_max(c)
-    return {"image_auroc": _roc_auc(c), "image_ap": _average_precision(c), "image_f1_max": f1, "image_threshold": thr}
+    return {
+        "image_auroc": _roc_auc(c),
+        "image_ap": _average_precision(c),
+        "image_f1_max": f1,
+        "image_threshold": thr,
+    }
 
 
 def pixel_metrics(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> dict[str, float]:

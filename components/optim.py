@@ -54,7 +54,7 @@ class StableAdamW(Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch Optimizer signature
+    def step(self, closure=None):
         """Perform one optimisation step."""
         loss = None
         if closure is not None:

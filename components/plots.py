@@ -9,10 +9,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from components.metrics import curve_points, region_weights  # noqa: E402
+from components.metrics import curve_points, region_weights
 
 __all__ = ["plot_attention", "plot_curves", "plot_histogram", "plot_map_grid"]
 

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("alembic", "mlflow", "urllib3", "httpx", "git", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from pipelines.tracking import hermetic_env
@@ -81,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _dispatch(args: argparse.Namespace, params, progress: bool) -> int:  # noqa: ANN001
+def _dispatch(args: argparse.Namespace, params, progress: bool) -> int:
     from pipelines import stages
 
     if args.command == "prepare":

@@ -151,6 +151,7 @@ class TrainParams(_Strict):
     amp: Literal["none", "bf16"] = "none"
     checkpoint_every: int = Field(0, ge=0)
     deterministic: bool = True
+    feature_cache: bool = False  # cache the frozen encoder's outputs (fp16, memory-mapped) across epochs
 
     @field_validator("device")
     @classmethod
@@ -201,6 +202,8 @@ class SweepParams(_Strict):
     objective_split: Literal["validation", "test"] = "validation"
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     pruner: Literal["median", "wilcoxon", "none"] = "median"
+    heartbeat_s: int = Field(10, ge=1)  # a worker's liveness signal; its trial fails after grace_s of silence
+    grace_s: int = Field(30, ge=2)
     space: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {
             "model.num_prototypes": {"type": "int", "low": 2, "high": 12},

@@ -26,7 +26,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 __all__ = ["STAGES", "pipeline", "serve"]
 
 STAGES = ("prepare", "synthesize", "train", "evaluate")
-METRIC_COLUMNS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro", "mad")
+METRIC_COLUMNS = (
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1_max",
+    "pixel_aupro",
+    "mad",
+)
 
 
 @contextlib.contextmanager
@@ -80,7 +89,7 @@ def compute_stage(stage: str, root: str) -> str:
     return stage
 
 
-def _set_dotted(tree, key: str, value) -> None:  # noqa: ANN001
+def _set_dotted(tree, key: str, value) -> None:
     node = tree
     parts = key.split(".")
     for p in parts[:-1]:
@@ -163,3 +172,45 @@ def pipeline(overrides: list[str] | None = None, experiment_name: str | None = N
 def serve(cron: str = "0 2 * * *", name: str = "nightly") -> None:
     """Serve the pipeline with a cron schedule (visible in the Prefect UI; reruns with parameters)."""
     pipeline.serve(name=name, cron=cron, parameters={"overrides": [], "root": os.getcwd()}, limit=1)
+
+
+@task(name="sweep-worker")
+def sweep_worker(n_trials: int, worker: int, parent_run_id: str, overrides: list[str], root: str) -> int:
+    """One Optuna worker process on the shared study (its trials, its share of the CPUs)."""
+    env = dict(os.environ, INPFORMER_SWEEP_PARENT_RUN=parent_run_id, INPFORMER_SWEEP_WORKER=str(worker))
+    cmd = [sys.executable, "-m", "pipelines.cli", "sweep", "--no-progress", "--n-trials", str(n_trials)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return subprocess.run(cmd, cwd=root, env=env, check=False).returncode
+
+
+@flow(name="inpformer-sweep", log_prints=True)
+def sweep_flow(n_trials: int = 8, workers: int = 2, overrides: list[str] | None = None, root: str = ".") -> dict:
+    """N parallel workers on one Optuna study (shared storage), then the best params and plots."""
+    from pipelines.config import load_params
+    from pipelines.sweep import SWEEP_DIR, _results, _split_cached, open_study
+    from pipelines.tracking import tracked_run
+
+    root = str(Path(root).resolve())
+    overrides = list(overrides or [])
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        p = load_params("params.yaml", overrides)
+        SWEEP_DIR.mkdir(parents=True, exist_ok=True)
+        (SWEEP_DIR / "validation.json").unlink(missing_ok=True)
+        open_study(p)
+        _split_cached(p)
+        with tracked_run(
+            p, "sweep", f"sweep-{p.sweep.study}", {"study": p.sweep.study, "orchestrator": "prefect"}
+        ) as ml:
+            active = getattr(ml, "active_run", lambda: None)()
+            parent = active.info.run_id if active is not None else ""
+            shares = [n_trials // workers + (1 if i < n_trials % workers else 0) for i in range(workers)]
+            futures = [sweep_worker.submit(s, i, parent, overrides, root) for i, s in enumerate(shares) if s]
+            codes = [f.result() for f in futures]
+            summary = _results(p, "params.yaml", overrides)
+        summary["worker_exit_codes"] = codes
+        return summary
+    finally:
+        os.chdir(cwd)

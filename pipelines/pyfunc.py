@@ -19,20 +19,26 @@ class InpFormerPyfunc(mlflow.pyfunc.PythonModel):
     (float, F1-optimal on the evaluation data) and ``is_anomalous`` (B bool).
     """
 
-    def load_context(self, context):  # noqa: ANN001, ANN201
+    def load_context(self, context):
         """Load the model folder and the inference settings."""
         from components.checkpoint import load_model
 
         self.model, _ = load_model(context.artifacts["model"])
         self.settings = json.loads(Path(context.artifacts["inference"]).read_text())
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - untyped: mlflow schema inference
+    def predict(self, context, model_input, params=None):
         """Score a batch."""
         import numpy as np
         import torch
         from PIL import Image
 
-        from components.anomaly_map import fused_map, image_score, inp_distance_map, postprocess, reconstruction_map
+        from components.anomaly_map import (
+            fused_map,
+            image_score,
+            inp_distance_map,
+            postprocess,
+            reconstruction_map,
+        )
         from components.data.transforms import ImageTransform
 
         s = self.settings

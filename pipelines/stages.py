@@ -67,7 +67,12 @@ def count_table(records: list[Record]) -> list[dict[str, Any]]:
     c = Counter((r.category, r.split, r.label) for r in records)
     cats = list(dict.fromkeys(r.category for r in records))
     rows = [
-        {"category": k, "train_good": c[(k, "train", 0)], "test_good": c[(k, "test", 0)], "test_anomalous": c[(k, "test", 1)]}
+        {
+            "category": k,
+            "train_good": c[(k, "train", 0)],
+            "test_good": c[(k, "test", 0)],
+            "test_anomalous": c[(k, "test", 1)],
+        }
         for k in cats
     ]
     rows.append({k: (sum(r[k] for r in rows) if k != "category" else "total") for k in rows[0]} if rows else {})
@@ -81,7 +86,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     keys = list(rows[0])
     width = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
     line = "  ".join(k.ljust(width[k]) for k in keys)
-    body = ["  ".join(str(r[k]).rjust(width[k]) if k != "category" else str(r[k]).ljust(width[k]) for k in keys) for r in rows]
+    body = [
+        "  ".join(str(r[k]).rjust(width[k]) if k != "category" else str(r[k]).ljust(width[k]) for k in keys)
+        for r in rows
+    ]
     return "\n".join([line, "-" * len(line), *body])
 
 
@@ -118,7 +126,12 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
         if kind == "realiad":
             from components.data.readers import realiad_records
 
-            records = realiad_records(root / "realiad_1024", root / "realiad_jsons" / "realiad_jsons", p.data.categories or None, report)
+            records = realiad_records(
+                root / "realiad_1024",
+                root / "realiad_jsons" / "realiad_jsons",
+                p.data.categories or None,
+                report,
+            )
         else:
             order = MVTEC_CATEGORIES if kind == "mvtec" else DATASET_SOURCES.get(kind, {}).get("order", ())
             records = mvtec_records(root, p.data.categories or None, order=order, report=report)
@@ -141,7 +154,14 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
     )
     out_dir = _manifest_path(name).parent
     rel = [
-        Record(_rel(r.path, out_dir), r.category, r.split, r.label, _rel(r.mask_path, out_dir) if r.mask_path else "", r.defect)
+        Record(
+            _rel(r.path, out_dir),
+            r.category,
+            r.split,
+            r.label,
+            _rel(r.mask_path, out_dir) if r.mask_path else "",
+            r.defect,
+        )
         for r in records
     ]
     write_manifest(_manifest_path(name), rel)
@@ -217,14 +237,18 @@ def synthesize(p: Params, progress: bool = True) -> Path:
                 rng = np.random.default_rng([p.synthesis.seed, c, i])
                 aug, mask, beta = synth(unit, rng)
                 stem = f"{i:06d}_{c}"
-                Image.fromarray((aug * 255 + 0.5).clip(0, 255).astype(np.uint8)).save(tmp / f"{stem}.png", compress_level=1)
+                Image.fromarray((aug * 255 + 0.5).clip(0, 255).astype(np.uint8)).save(
+                    tmp / f"{stem}.png", compress_level=1
+                )
                 Image.fromarray((mask * 255).astype(np.uint8), "L").save(tmp / f"{stem}_mask.png", compress_level=1)
                 lines.append(f"{rec.path},{c},{stem}.png,{stem}_mask.png,{int(mask.any())}")
     (tmp / "index.csv").write_text("\n".join(lines) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    print(f"Pseudo-anomaly bank: {len(lines) - 1} samples → {out} (textures: {synth.textures.source if synth else 'off'})")
+    print(
+        f"Pseudo-anomaly bank: {len(lines) - 1} samples → {out} (textures: {synth.textures.source if synth else 'off'})"
+    )
     return out
 
 
@@ -281,6 +305,8 @@ def train(p: Params, progress: bool = True, resume: bool = True) -> dict[str, An
         dataset: Any = ImageDataset(train_recs, tf, synth, seed=p.synthesis.seed, cache=cache, bank=bank)
         if extra is not None:
             dataset = extra(dataset)
+        elif p.train.feature_cache:
+            dataset = cached_dataset(model, dataset, tf, cfg.device, progress)
         kwargs = model_kwargs(p)
         model_config = {
             "model": kwargs,
@@ -299,7 +325,9 @@ def train(p: Params, progress: bool = True, resume: bool = True) -> dict[str, An
             mlflow.log_params({"encoder_pretrained": model.pretrained_loaded, "n_train_images": len(dataset)})
 
             def on_epoch(m: dict[str, Any]) -> None:
-                mlflow.log_metrics({f"train_{k}": v for k, v in m.items() if isinstance(v, float)}, step=int(m["epoch"]))
+                mlflow.log_metrics(
+                    {f"train_{k}": v for k, v in m.items() if isinstance(v, float)}, step=int(m["epoch"])
+                )
 
             result = engine_train(model, dataset, cfg, npm, dice, ckpt_dir, model_config, resume, on_epoch=on_epoch)
             save_model(tmp_models / group, model, model_config)
@@ -322,7 +350,36 @@ def train(p: Params, progress: bool = True, resume: bool = True) -> dict[str, An
     return summary
 
 
-def _setting_training_data(p: Params, group_recs: list[Record], all_recs: list[Record], tf: Any):  # noqa: ANN202
+def cached_dataset(model: Any, dataset: ImageDataset, tf: Any, device: str, progress: bool = False) -> Any:
+    """Wrap ``dataset`` so the frozen encoder runs once per image (and bank entry), not per epoch."""
+    from components.data.io import read_rgb as _read
+    from components.feature_cache import CachedFeatureDataset, FeatureCache
+
+    def load(path: str) -> Any:
+        if dataset.cache is not None:
+            unit = dataset.cache.get(path, tf, lambda: tf.to_unit(_read(path)))
+        else:
+            unit = tf.to_unit(_read(path))
+        return tf.normalize(unit)
+
+    def load_bank(path: str) -> Any:
+        import torch
+
+        arr = np.asarray(_read(path), dtype=np.float32) / 255.0
+        return tf.normalize(torch.from_numpy(arr).permute(2, 0, 1))
+
+    key = (tf.resize, tf.crop)
+    folder = DATA / "cache" / "features"
+    normal = FeatureCache(folder, model, [r.path for r in dataset.records], load, key, device=device, progress=progress)
+    bank, copies = None, 0
+    if dataset.bank is not None:
+        copies = len(dataset.bank[0])
+        flat = [img for entries in dataset.bank for img, _ in entries]
+        bank = FeatureCache(folder, model, flat, load_bank, ("bank", *key), device=device, progress=progress)
+    return CachedFeatureDataset(dataset, normal, bank, copies)
+
+
+def _setting_training_data(p: Params, group_recs: list[Record], all_recs: list[Record], tf: Any):
     """Training records and an optional dataset wrapper for the few-shot / semi-supervised settings."""
     kind = p.setting.kind
     if kind == "few_shot":
@@ -349,7 +406,7 @@ def _test_records(p: Params, records: list[Record]) -> list[Record]:
     return test
 
 
-def _model_for(p: Params, group: str, device: str):  # noqa: ANN202
+def _model_for(p: Params, group: str, device: str):
     if p.setting.kind == "zero_shot":
         src = Path(p.setting.zero_shot_source) if p.setting.zero_shot_source else None
         if src is None or not (src / "config.json").is_file():
@@ -394,12 +451,21 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
             m = evaluate_arrays(res.scores, res.labels, res.maps if has_masks else None,
                                 res.masks if has_masks else None, e.metrics_mode, e.fpr_limit)  # fmt: skip
             per_cat[cat] = {k: m[k] for k in METRIC_KEYS}
-            thresholds[cat] = {"image_threshold": m["image_threshold"], "pixel_threshold": m["pixel_threshold"]}
+            thresholds[cat] = {
+                "image_threshold": m["image_threshold"],
+                "pixel_threshold": m["pixel_threshold"],
+            }
             if e.plots:
                 safe = cat.replace("/", "_")
                 plot_curves(tmp_dir / "plots", safe, res.scores, res.labels, res.maps if has_masks else None,
                             res.masks if has_masks else None, e.fpr_limit)  # fmt: skip
-                plot_histogram(tmp_dir / "plots" / f"{safe}_scores.png", cat, res.scores, res.labels, m["image_threshold"])
+                plot_histogram(
+                    tmp_dir / "plots" / f"{safe}_scores.png",
+                    cat,
+                    res.scores,
+                    res.labels,
+                    m["image_threshold"],
+                )
                 _grid_and_attention(model, ds, res, tf, tmp_dir / "plots", safe, e.grid_images, device,
                                     plot_map_grid, plot_attention, torch)  # fmt: skip
     mean = {k: float(np.nanmean([v[k] for v in per_cat.values()])) if per_cat else math.nan for k in METRIC_KEYS}
@@ -436,7 +502,9 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
                     else float(np.nanmedian([thresholds[c]["image_threshold"] for c in group_cats])),
                     "thresholds": {c: thresholds[c] for c in group_cats},
                 }  # fmt: skip
-                registry[group] = log_and_register_model(mlflow, p, ARTIFACTS / "models" / group, inference, gmad, group)
+                registry[group] = log_and_register_model(
+                    mlflow, p, ARTIFACTS / "models" / group, inference, gmad, group
+                )
         run_id = getattr(getattr(mlflow, "active_run", lambda: None)(), "info", None)
         atomic_write_text(ARTIFACTS / "eval_run.json", json.dumps(
             {"run_id": getattr(run_id, "run_id", ""), "registry": registry, "maps": info}, indent=2, default=str))  # fmt: skip
@@ -459,7 +527,7 @@ def markdown_table(per_cat: dict[str, dict[str, float]], mean: dict[str, float])
     return "\n".join(lines)
 
 
-def _grid_and_attention(model, ds, res, tf, out_dir, cat, n, device, plot_map_grid, plot_attention, torch) -> None:  # noqa: ANN001
+def _grid_and_attention(model, ds, res, tf, out_dir, cat, n, device, plot_map_grid, plot_attention, torch) -> None:
     if n <= 0:
         return
     idx_anom = [i for i in range(len(ds)) if res.labels[i] == 1][: max(1, n - n // 4)]
@@ -471,7 +539,9 @@ def _grid_and_attention(model, ds, res, tf, out_dir, cat, n, device, plot_map_gr
     for i in idx:
         item = ds[i]
         img = tf.denormalize(item["image"])
-        img_small = torch.nn.functional.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        img_small = torch.nn.functional.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[
+            0
+        ]
         images.append(img_small.permute(1, 2, 0).numpy())
         masks.append(res.masks[i] if res.masks is not None else None)
         maps.append(res.maps[i])

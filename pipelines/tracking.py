@@ -52,7 +52,7 @@ def git_commit(root: str | os.PathLike = ".") -> str:
         return "unknown"
 
 
-def _mlflow(p: Params):  # noqa: ANN202
+def _mlflow(p: Params):
     import mlflow
 
     uri = p.tracking.uri
@@ -74,12 +74,14 @@ class _NullRun:
 
     info = type("Info", (), {"run_id": ""})()
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return lambda *a, **k: None
 
 
 @contextlib.contextmanager
-def tracked_run(p: Params, stage: str, run_name: str, tags: dict[str, Any] | None = None, nested: bool = False) -> Iterator[Any]:
+def tracked_run(
+    p: Params, stage: str, run_name: str, tags: dict[str, Any] | None = None, nested: bool = False
+) -> Iterator[Any]:
     """An MLflow run with flattened params and the standard tags; yields the ``mlflow`` module."""
     if not p.tracking.enabled:
         yield _NullRun()
@@ -107,7 +109,7 @@ def tracked_run(p: Params, stage: str, run_name: str, tags: dict[str, Any] | Non
 def _champion_mad(client: Any, name: str, dataset: str, setting: str, group: str) -> float | None:
     try:
         mv = client.get_model_version_by_alias(name, "champion")
-    except Exception:  # noqa: BLE001 - no champion yet
+    except Exception:
         return None
     tags = mv.tags or {}
     if tags.get("dataset") != dataset or tags.get("setting") != setting or tags.get("group", "all") != group:
@@ -153,7 +155,7 @@ def log_and_register_model(
     has_any_champion = True
     try:
         client.get_model_version_by_alias(name, "champion")
-    except Exception:  # noqa: BLE001
+    except Exception:
         has_any_champion = False
     promoted = False
     if math.isfinite(mad) and (not has_any_champion or (current is not None and mad > current)):
@@ -162,4 +164,9 @@ def log_and_register_model(
     elif not has_any_champion:
         client.set_registered_model_alias(name, "champion", version)
         promoted = True
-    return {"model_uri": info.model_uri, "version": version, "champion": promoted, "previous_champion_mad": current}
+    return {
+        "model_uri": info.model_uri,
+        "version": version,
+        "champion": promoted,
+        "previous_champion_mad": current,
+    }

@@ -23,7 +23,10 @@ def ref_pos_embed(pos_meta: torch.Tensor, grid: int) -> torch.Tensor:
     c = patch_pos.shape[-1]
     sx = float(grid + 0.1) / m
     table = F.interpolate(
-        patch_pos.reshape(1, m, m, c).permute(0, 3, 1, 2), scale_factor=(sx, sx), mode="bicubic", antialias=False
+        patch_pos.reshape(1, m, m, c).permute(0, 3, 1, 2),
+        scale_factor=(sx, sx),
+        mode="bicubic",
+        antialias=False,
     )
     assert table.shape[-2:] == (grid, grid)
     return torch.cat([cls_pos, table.permute(0, 2, 3, 1).reshape(1, -1, c)], dim=1)
@@ -35,7 +38,9 @@ def ref_layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float
     return (x - mu) / torch.sqrt(var + eps) * w + b
 
 
-def ref_encoder_taps(sd: dict[str, torch.Tensor], images: torch.Tensor, taps: list[int], heads: int) -> list[torch.Tensor]:
+def ref_encoder_taps(
+    sd: dict[str, torch.Tensor], images: torch.Tensor, taps: list[int], heads: int
+) -> list[torch.Tensor]:
     """DINOv2-reg4 forward from Meta-named weights; returns tapped patch tokens (prefix removed)."""
     w = sd["patch_embed.proj.weight"]
     x = F.conv2d(images, w, sd["patch_embed.proj.bias"], stride=w.shape[-1])

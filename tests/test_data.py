@@ -122,7 +122,9 @@ def test_masks_binarised_and_sizes_checked(tmp_path) -> None:
     Image.fromarray(np.array([[0, 100, 200]], np.uint8), "L").save(soft)
     assert np.asarray(read_mask(soft)).tolist() == [[0, 0, 255]]
     rgbm = tmp_path / "rgb.png"
-    Image.fromarray(np.stack([np.zeros((2, 2)), np.full((2, 2), 255), np.zeros((2, 2))], -1).astype(np.uint8)).save(rgbm)
+    Image.fromarray(np.stack([np.zeros((2, 2)), np.full((2, 2), 255), np.zeros((2, 2))], -1).astype(np.uint8)).save(
+        rgbm
+    )
     assert np.asarray(read_mask(rgbm)).min() == 255  # channel max
     with pytest.raises(ImageReadError, match="must have the image's size"):
         read_mask(_mask(tmp_path / "m.png", size=(10, 10)), expected_size=(20, 16))
@@ -256,7 +258,7 @@ def test_synthesis_same_seed_same_bytes_and_empty_prob() -> None:
 
 def test_blend_factor_formula() -> None:
     class Flat(TextureBank):
-        def sample(self, size, rng):  # noqa: ANN001, ANN201
+        def sample(self, size, rng):
             return np.zeros((*size, 3), np.uint8)
 
     img = np.full((32, 32, 3), 0.5, np.float32)
@@ -296,7 +298,9 @@ def test_texture_folder(tmp_path) -> None:
 def test_few_shot_selection_equals_python_random_seed_1() -> None:
     recs = [Record(f"/d/{c}/train/good/{i:03d}.png", c, "train", 0) for c in ("b", "a") for i in range(30)]
     random.seed(1)  # the official setup_seed(1), then random.sample per category in dataset order
-    want = [p for c in ("b", "a") for p in random.sample(sorted(f"/d/{c}/train/good/{i:03d}.png" for i in range(30)), 4)]
+    want = [
+        p for c in ("b", "a") for p in random.sample(sorted(f"/d/{c}/train/good/{i:03d}.png" for i in range(30)), 4)
+    ]
     got = [r.path for r in select_shots(recs, 4, seed=1)]
     assert got == want
     with pytest.raises(ValueError, match="fewer than"):

@@ -23,7 +23,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # silence
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         type(self).requests.append(self.headers.get("Range") or "")
         start = 0
         rng = self.headers.get("Range")

@@ -33,7 +33,13 @@ class _Toy(Dataset):
         mask = torch.zeros(1, *img.shape[-2:])
         y = (3 * self.epoch + i) % 40
         mask[:, y : y + 12, y : y + 12] = 1
-        return {"image": img, "anomaly_image": img + 2 * mask, "anomaly_mask": mask, "label": 0, "mask": mask * 0}
+        return {
+            "image": img,
+            "anomaly_image": img + 2 * mask,
+            "anomaly_mask": mask,
+            "label": 0,
+            "mask": mask * 0,
+        }
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -53,7 +59,17 @@ def _run(tmp_path, cfg, stop_after=None, resume=True):
             raise KeyboardInterrupt("simulated kill")
 
     try:
-        train(model, _Toy(), cfg, NormalPatternLoss(), DiceLoss(), tmp_path / "ckpt", {"model": {}}, resume, on_iteration=on_it)
+        train(
+            model,
+            _Toy(),
+            cfg,
+            NormalPatternLoss(),
+            DiceLoss(),
+            tmp_path / "ckpt",
+            {"model": {}},
+            resume,
+            on_iteration=on_it,
+        )
     except KeyboardInterrupt:
         pass
     return model, losses

@@ -62,7 +62,9 @@ def test_image_and_pixel_metrics_equal_sklearn_with_ties(seed: int) -> None:
     assert m["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-9)
     assert m["pixel_ap"] == pytest.approx(average_precision_score(y, s), abs=1e-9)
     assert m["pixel_f1_max"] == pytest.approx(_f1max_sklearn(y, s.astype(np.float64)), abs=1e-9)
-    assert m["mad"] == pytest.approx(np.mean([m[k] for k in list(m) if k not in ("mad", "image_threshold", "pixel_threshold")]))
+    assert m["mad"] == pytest.approx(
+        np.mean([m[k] for k in list(m) if k not in ("mad", "image_threshold", "pixel_threshold")])
+    )
 
 
 def test_aupro_equals_slow_reference_edge_cases() -> None:
@@ -122,7 +124,9 @@ def test_binned_mode_hand_computed() -> None:
 def test_category_without_anomalies_warns_not_crashes() -> None:
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        m = evaluate_arrays(np.array([0.1, 0.2]), np.array([0, 0]), np.zeros((2, 4, 4), np.float32), np.zeros((2, 4, 4)))
+        m = evaluate_arrays(
+            np.array([0.1, 0.2]), np.array([0, 0]), np.zeros((2, 4, 4), np.float32), np.zeros((2, 4, 4))
+        )
     assert any(issubclass(w.category, MetricWarning) for w in rec)
     assert math.isnan(m["image_auroc"]) and math.isnan(m["pixel_aupro"]) and math.isnan(m["mad"])
 

@@ -169,7 +169,9 @@ def test_parity_with_reference_official_computation(size: int) -> None:
     terms = loss_fn(out)
     terms["total"].backward()
 
-    taps_r = ref_encoder_taps({k[8:]: v for k, v in sd.items() if k.startswith("encoder.")}, x, list(model.encoder.taps), 2)
+    taps_r = ref_encoder_taps(
+        {k[8:]: v for k, v in sd.items() if k.startswith("encoder.")}, x, list(model.encoder.taps), 2
+    )
     taps, _ = model.encoder(x)
     for a, b in zip(taps, taps_r):
         assert rel_err(a, b) <= 1e-5

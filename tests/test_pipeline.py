@@ -45,7 +45,9 @@ def _env(tmp: Path) -> dict:
 
 
 def _cli(args: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "inpformer"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(BIN / "inpformer"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"inpformer {args} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -106,7 +108,12 @@ def dvc_project(tmp_path_factory):
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (proj / ".gitignore").write_text("/data/\n/artifacts/\n/mlruns/\n/.prefect/\n/.cache/\n")
     env = _env(tmp)
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        [str(BIN / "dvc"), "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
         subprocess.run(cmd, cwd=proj, env=env, check=True, capture_output=True)
     first = subprocess.run([str(BIN / "dvc"), "repro"], cwd=proj, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -116,7 +123,16 @@ def dvc_project(tmp_path_factory):
 def test_dvc_repro_writes_metrics_and_registers_champion(dvc_project) -> None:
     proj, env, first = dvc_project
     metrics = json.loads((proj / "artifacts" / "metrics.json").read_text())
-    keys = {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro", "mad"}
+    keys = {
+        "image_auroc",
+        "image_ap",
+        "image_f1_max",
+        "pixel_auroc",
+        "pixel_ap",
+        "pixel_f1_max",
+        "pixel_aupro",
+        "mad",
+    }
     assert set(metrics) == {"mean", "categories"}
     assert set(metrics["mean"]) == keys and set(metrics["categories"]) == {"brick", "washer"}
     for vals in metrics["categories"].values():
@@ -201,7 +217,9 @@ def test_prefect_flow_runs_stages_and_publishes_artifact(tmp_path, monkeypatch) 
 
         async def _read():
             async with get_client() as client:
-                return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["inpformer-metrics"])))
+                return await client.read_artifacts(
+                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["inpformer-metrics"]))
+                )
 
         import asyncio
 

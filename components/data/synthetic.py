@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["SYNTHETIC_CATEGORIES", "generate_synthetic"]
+__all__ = ["DEFECT_PAINTERS", "SYNTHETIC_CATEGORIES", "generate_synthetic"]
 
 SYNTHETIC_CATEGORIES = ("brick", "grass", "gravel", "washer")
 _TINTS = {"brick": (1.15, 0.85, 0.7), "grass": (0.8, 1.1, 0.75), "gravel": (1.0, 0.97, 0.9)}
@@ -153,7 +153,7 @@ def _particle(img: np.ndarray, rng: np.random.Generator, ctx: dict) -> tuple[np.
     return img, mask > 0
 
 
-_TEXTURE_DEFECTS: dict[str, Callable] = {
+DEFECT_PAINTERS: dict[str, Callable] = {
     "scratch": _scratch,
     "hole": _hole,
     "stain": _stain,
@@ -218,7 +218,7 @@ def _gen_texture(root: Path, cat: str, seed: int, size: int, n_train: int, n_goo
     rng = _category_rng(seed, cat, "test")
     for i in range(n_good):
         _write(root / "test" / "good" / f"{i:03d}.png", _texture_image(photo, cat, size, rng))
-    for defect, painter in _TEXTURE_DEFECTS.items():
+    for defect, painter in DEFECT_PAINTERS.items():
         for i in range(n_def):
             img, mask = painter(_texture_image(photo, cat, size, rng), rng, {})
             _write(root / "test" / defect / f"{i:03d}.png", img)
@@ -258,6 +258,6 @@ def _gen_washer(root: Path, seed: int, size: int, n_train: int, n_good: int, n_d
                 base = _washer_image(size, geo, rng)
                 a = rng.uniform(0, 2 * np.pi)
                 anchor = geo["center"] + (geo["outer"] + geo["inner"]) / 2 * np.array([np.cos(a), np.sin(a)])
-                img, mask = _TEXTURE_DEFECTS[defect](base, rng, {"anchor": anchor})
+                img, mask = DEFECT_PAINTERS[defect](base, rng, {"anchor": anchor})
             _write(root / "test" / defect / f"{i:03d}.png", img)
             _write(root / "ground_truth" / defect / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)

@@ -203,14 +203,33 @@ class InpFormer(nn.Module):
         return self
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, return_attention: bool = False) -> InpFormerOutput:
-        """images: B×3×H×W (ImageNet-normalised) → :class:`InpFormerOutput`."""
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
+        """Frozen-encoder part: images B×3×H×W → (F_Q B×N×C, group means G × B×N×C, grid).
+
+        These are exactly what :meth:`forward_features` needs, so they can be cached (spec §1).
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"expected images of shape B×3×H×W, got {tuple(images.shape)}."
             raise ValueError(msg)
         taps, grid = self.encoder(images)
         fused = _fuse(taps)  # F_Q: B×N×C (mean, spec §1)
-        b = images.shape[0]
+        groups = [_fuse([taps[i] for i in g]) for g in self.encoder_groups_idx]
+        return fused, groups, grid
+
+    def forward(self, images: torch.Tensor, return_attention: bool = False) -> InpFormerOutput:
+        """images: B×3×H×W (ImageNet-normalised) → :class:`InpFormerOutput`."""
+        fused, groups, grid = self.encode(images)
+        return self.forward_features(fused, groups, grid, return_attention)
+
+    def forward_features(
+        self,
+        fused: torch.Tensor,
+        encoder_group_tokens: list[torch.Tensor],
+        grid: tuple[int, int],
+        return_attention: bool = False,
+    ) -> InpFormerOutput:
+        """Trainable part from (cached) encoder features: F_Q B×N×C and G group means B×N×C."""
+        b = fused.shape[0]
         protos = self.prototype_token.unsqueeze(0).expand(b, -1, -1)
         for blk in self.aggregation:
             protos = blk(protos, fused)
@@ -227,9 +246,14 @@ class InpFormer(nn.Module):
                 x = blk(x, protos)
             decoded.append(x)
         decoded = decoded[::-1]  # deepest first: group 0 pairs with the earliest encoder taps
-        enc = [_to_map(_fuse([taps[i] for i in g]), grid) for g in self.encoder_groups_idx]
+        enc = [_to_map(t, grid) for t in encoder_group_tokens]
         dec = [_to_map(_fuse([decoded[i] for i in g]), grid) for g in self.decoder_groups_idx]
         return InpFormerOutput(enc, dec, protos, fused, grid, attention)
+
+    def forward_cached(self, features: torch.Tensor) -> InpFormerOutput:
+        """Forward from a cached stack B×(1+G)×N×C = [F_Q, group means...] (see ``FeatureCache``)."""
+        feats = features.float()
+        return self.forward_features(feats[:, 0], list(feats[:, 1:].unbind(1)), self.grid)
 
     @staticmethod
     def residual(out: InpFormerOutput) -> torch.Tensor:

@@ -1,0 +1,162 @@
+"""Encoder-feature cache: the frozen encoder's outputs computed once, memory-mapped, reused.
+
+The encoder is most of the compute and is frozen, so for inputs that do not change between epochs
+(the training images, the fixed pseudo-anomaly bank) its outputs — F_Q and the group means, i.e.
+exactly what :meth:`InpFormer.forward_features` consumes — are stored once as an fp16 array
+``features.npy`` of shape n×(1+G)×N×C and memory-mapped by every epoch and every sweep trial.
+
+The key hashes the image bytes, the transform sizes, the encoder's weights, taps and groups: any
+change gives a new folder, never a stale read. A cache is written under ``<key>.partial`` and
+renamed when complete. Where inputs change every epoch (on-the-fly synthesis, few-shot
+augmentation) :class:`CachedFeatureDataset` falls back to the encoder for those inputs only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["CachedFeatureDataset", "FeatureCache", "encoder_fingerprint"]
+
+
+def encoder_fingerprint(model: Any) -> str:
+    """Hash of everything that determines the cached features apart from the images."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.encoder.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    h.update(
+        repr((model.encoder.taps, model.encoder_groups_idx, model.encoder.pos_embed_interp, model.image_size)).encode()
+    )
+    return h.hexdigest()
+
+
+def _file_digest(path: str) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.digest()
+
+
+class FeatureCache:
+    """A memory-mapped n×(1+G)×N×C fp16 array of encoder features for a list of image files.
+
+    Args:
+        folder: parent folder of all caches.
+        model: the :class:`InpFormer` whose encoder is cached.
+        paths: the image files, in dataset order.
+        load: ``path → normalised 3×C×C tensor`` (the dataset's transform).
+        transform_key: anything identifying the transform (sizes).
+        batch_size, device: for the one-off encoder pass.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        model: Any,
+        paths: Sequence[str],
+        load: Any,
+        transform_key: Any,
+        batch_size: int = 16,
+        device: str = "cpu",
+        progress: bool = False,
+    ) -> None:
+        h = hashlib.sha256(encoder_fingerprint(model).encode())
+        h.update(repr(transform_key).encode())
+        for p in paths:
+            h.update(_file_digest(p))
+        self.key = h.hexdigest()[:20]
+        self.dir = Path(folder) / self.key
+        self.built = False
+        if not (self.dir / "done.json").is_file():
+            self._build(model, list(paths), load, batch_size, device, progress)
+            self.built = True
+        self.array = np.load(self.dir / "features.npy", mmap_mode="r")
+
+    def _build(self, model: Any, paths: list[str], load: Any, batch_size: int, device: str, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        tmp = self.dir.with_name(self.dir.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model = model.to(device).eval()
+        arr = None
+        with torch.no_grad():
+            for start in tqdm(
+                range(0, len(paths), batch_size), desc="encoder cache", disable=not progress, leave=False
+            ):
+                batch = torch.stack([load(p) for p in paths[start : start + batch_size]]).to(device)
+                fused, groups, _ = model.encode(batch)
+                feats = torch.stack([fused, *groups], dim=1).to(torch.float16).cpu().numpy()
+                if arr is None:
+                    shape = (len(paths), *feats.shape[1:])
+                    arr = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=shape)
+                arr[start : start + len(feats)] = feats
+        if arr is None:
+            raise ValueError("feature cache: no images to encode.")
+        arr.flush()
+        del arr
+        (tmp / "done.json").write_text(json.dumps({"n": len(paths), "paths": paths[:5]}))
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        os.replace(tmp, self.dir)
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[index], dtype=np.float32))
+
+
+class CachedFeatureDataset(Dataset):
+    """Wraps an :class:`ImageDataset`: normal images come as cached ``features``; pseudo anomalies
+    as cached ``anomaly_features`` when they come from the fixed bank, else (on the fly) as images.
+    """
+
+    def __init__(self, base: Any, normal: FeatureCache, bank: FeatureCache | None = None, copies: int = 0) -> None:
+        if len(normal) != len(base):
+            raise ValueError("feature cache and dataset differ in length.")
+        self.base = base
+        self.normal = normal
+        self.bank = bank
+        self.copies = copies
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch (selects the bank copy / synthesis stream)."""
+        self.epoch = int(epoch)
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rec = self.base.records[index]
+        item: dict[str, Any] = {
+            "features": self.normal[index],
+            "label": rec.label,
+            "path": rec.path,
+            "category": rec.category,
+        }
+        if self.bank is not None and self.base.bank is not None:
+            entries = self.base.bank[index]
+            c = self.epoch % len(entries)
+            from components.data.io import read_mask
+
+            item["anomaly_features"] = self.bank[index * self.copies + c]
+            mask = np.asarray(read_mask(entries[c][1]), dtype=np.float32) / 255.0
+            item["anomaly_mask"] = torch.from_numpy(mask)[None]
+        elif self.base.synthesizer is not None:
+            full = self.base[index]  # on-the-fly synthesis changes every epoch: no cache for it
+            item["anomaly_image"], item["anomaly_mask"] = full["anomaly_image"], full["anomaly_mask"]
+        return item

@@ -1,0 +1,101 @@
+"""Encoder-feature cache: same losses as the encoder path, keyed by content, clean fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from PIL import Image
+
+from components.data.datasets import ImageDataset
+from components.data.readers import mvtec_records
+from components.data.synthesis import PseudoAnomalySynthesizer, TextureBank
+from components.data.synthetic import generate_synthetic
+from components.data.transforms import ImageTransform
+from components.engine import TrainConfig, seed_everything, train
+from components.feature_cache import CachedFeatureDataset, FeatureCache
+from components.losses import DiceLoss, NormalPatternLoss
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = generate_synthetic(tmp_path_factory.mktemp("d") / "s", size=64, n_train=8, n_test_good=1,
+                              n_test_per_defect=1, categories=["brick"])  # fmt: skip
+    recs = [r for r in mvtec_records(root) if r.split == "train"]
+    tf = ImageTransform(64, 56)
+    bank_dir = tmp_path_factory.mktemp("bank")
+    synth = PseudoAnomalySynthesizer(TextureBank(None, 64), empty_prob=0.0, rotate_prob=0.0)
+    bank = []
+    for i, r in enumerate(recs):
+        entries = []
+        for c in range(2):
+            unit = tf.to_unit(Image.open(r.path).convert("RGB")).permute(1, 2, 0).numpy()
+            aug, mask, _ = synth(unit, np.random.default_rng([i, c]))
+            ip, mp = bank_dir / f"{i}_{c}.png", bank_dir / f"{i}_{c}_mask.png"
+            Image.fromarray((aug * 255 + 0.5).astype(np.uint8)).save(ip)
+            Image.fromarray((mask * 255).astype(np.uint8), "L").save(mp)
+            entries.append((str(ip), str(mp)))
+        bank.append(entries)
+    return recs, tf, bank
+
+
+def _load(tf):
+    return lambda p: tf(Image.open(p).convert("RGB"))
+
+
+def _load_bank(tf):
+    return lambda p: tf.normalize(torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 255).permute(2, 0, 1))
+
+
+def _train(ds, epochs=2):
+    seed_everything(1)
+    model = tiny_model(image_size=56)
+    cfg = TrainConfig(epochs=epochs, batch_size=4, warmup_iters=1, progress=False)
+    return model, train(model, ds, cfg, NormalPatternLoss(coherence="soft"), DiceLoss())["history"]
+
+
+def test_cached_training_gives_the_same_losses(small_data, tmp_path) -> None:
+    recs, tf, bank = small_data
+    _, plain = _train(ImageDataset(recs, tf, bank=bank))
+    seed_everything(1)
+    model = tiny_model(image_size=56)
+    base = ImageDataset(recs, tf, bank=bank)
+    normal = FeatureCache(tmp_path, model, [r.path for r in recs], _load(tf), (64, 56))
+    flat = [img for entries in bank for img, _ in entries]
+    bank_cache = FeatureCache(tmp_path, model, flat, _load_bank(tf), ("bank", 64, 56))
+    assert normal.array.dtype == np.float16 and normal.array.shape[:2] == (8, 3)  # F_Q + 2 groups
+    assert isinstance(normal.array, np.memmap)
+    _, cached = _train(CachedFeatureDataset(base, normal, bank_cache, copies=2))
+    assert len(plain) == len(cached) == 2
+    for a, b in zip(plain, cached):
+        for k in ("total", "cos", "coherence", "seg"):
+            assert abs(a[k] - b[k]) <= 1e-3 * abs(a[k]), (k, a[k], b[k])
+
+
+def test_cache_is_reused_and_invalidated(small_data, tmp_path) -> None:
+    recs, tf, _ = small_data
+    torch.manual_seed(0)
+    model = tiny_model(image_size=56)
+    paths = [r.path for r in recs]
+    first = FeatureCache(tmp_path, model, paths, _load(tf), (64, 56))
+    again = FeatureCache(tmp_path, model, paths, _load(tf), (64, 56))
+    assert first.built and not again.built and first.key == again.key
+    other_size = FeatureCache(tmp_path, model, paths, _load(tf), (70, 56))
+    assert other_size.key != first.key
+    with torch.no_grad():
+        model.encoder.vit.blocks[0].mlp.fc1.weight.add_(1e-3)
+    assert FeatureCache(tmp_path, model, paths, _load(tf), (64, 56)).key != first.key
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_on_the_fly_synthesis_falls_back_for_anomalies(small_data, tmp_path) -> None:
+    recs, tf, _ = small_data
+    model = tiny_model(image_size=56)
+    synth = PseudoAnomalySynthesizer(TextureBank(None, 64), empty_prob=0.0)
+    base = ImageDataset(recs, tf, synthesizer=synth)
+    ds = CachedFeatureDataset(base, FeatureCache(tmp_path, model, [r.path for r in recs], _load(tf), (64, 56)))
+    item = ds[0]
+    assert "features" in item and "anomaly_image" in item and "anomaly_features" not in item
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0]["anomaly_image"], item["anomaly_image"])  # changes every epoch

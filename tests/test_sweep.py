@@ -1,0 +1,81 @@
+"""Optuna sweeps: pruning stops a trial early, two workers share one study exactly, best params validate."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from pipelines.config import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.image_size=64", "data.crop_size=56", "data.synthetic.size=64", "data.synthetic.n_train=10",
+    "data.synthetic.n_test_good=2", "data.synthetic.n_test_per_defect=1", "data.synthetic.categories=[brick]",
+    "synthesis.bank_copies=1", "model.encoder_overrides={embed_dim: 32, num_heads: 2}", "model.seg_head_channels=8",
+    "train.batch_size=4", "train.warmup_iters=2", "eval.resize=64", "tracking.enabled=false",
+]  # fmt: skip
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from pipelines import stages
+
+    p = load_params("params.yaml", TINY)
+    stages.prepare(p)
+    stages.synthesize(p, progress=False)
+    return tmp_path
+
+
+def test_pruned_trial_stops_early(project) -> None:
+    from pipelines.sweep import run_sweep
+
+    over = [*TINY, "train.epochs=4", "sweep.n_trials=1"]
+    p = load_params("params.yaml", over)
+    run_sweep(p, "params.yaml", over, n_trials=1, pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    study = optuna.load_study(study_name=p.sweep.study, storage=p.sweep.storage)
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["pruned_at_epoch"] == 1  # stopped after the first of 4 epochs
+    assert list(trial.intermediate_values) == [1]
+
+
+def test_two_workers_share_one_study_exactly(project) -> None:
+    from pipelines.sweep import run_sweep
+
+    over = [*TINY, "train.epochs=1", "sweep.pruner=none"]
+    p = load_params("params.yaml", over)
+    summary = run_sweep(p, "params.yaml", over, n_trials=3, workers=2)
+    study = optuna.load_study(study_name=p.sweep.study, storage=p.sweep.storage)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == 3 and sorted(numbers) == [0, 1, 2]
+    assert all(t.state.is_finished() for t in study.trials)
+    assert summary["trials"] == 3
+    best = load_params(project / "artifacts" / "sweep" / "best_params.yaml")  # valid params
+    chosen = yaml.safe_load((project / "artifacts" / "sweep" / "best_params.yaml").read_text())
+    assert (
+        best.model.num_prototypes
+        == chosen["model"]["num_prototypes"]
+        == study.best_trial.params["model.num_prototypes"]
+    )
+    assert (project / "artifacts" / "sweep" / "best_command.txt").read_text().startswith("dvc exp run -S")
+    assert (project / "artifacts" / "sweep" / "optimization_history.png").is_file()
+
+
+def test_validation_split_is_not_the_test_set(project) -> None:
+    from pipelines.sweep import _split_cached
+
+    p = load_params("params.yaml", TINY)
+    train_recs, val = _split_cached(p)
+    test_paths = {
+        r.path for r in __import__("pipelines.stages", fromlist=["_records"])._records(p) if r.split == "test"
+    }
+    assert not ({r.path for r in val} & test_paths)
+    assert not ({r.path for r in val if r.label == 0} & {r.path for r in train_recs})
+    assert {r.label for r in val} == {0, 1}
