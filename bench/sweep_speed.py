@@ -68,7 +68,7 @@ def main() -> None:
             f"{'run':<24} {'trials':>6} {'wall s':>8} {'s/trial (mean)':>15} {'s/trial (after 1st)':>20} {'trials/hour':>12}"
         )
         print("-" * 90)
-        for label, n, w, wall, d in rows:
+        for label, n, _w, wall, d in rows:
             later = sum(d[1:]) / max(len(d) - 1, 1) if len(d) > 1 else float("nan")
             print(f"{label:<24} {n:>6} {wall:>8.1f} {sum(d) / len(d):>15.1f} {later:>20.1f} {3600 * n / wall:>12.1f}")
         nocache = sum(rows[0][4]) / len(rows[0][4])
