@@ -244,6 +244,7 @@ def run_sweep(p: Params, params_path: str | None, overrides: list[str], n_trials
         run_worker(p, params_path, overrides, n_trials, timeout, parent, progress, pruner)
         return {}
     SWEEP_DIR.mkdir(parents=True, exist_ok=True)
+    _ensure_inputs(p)
     (SWEEP_DIR / "validation.json").unlink(missing_ok=True)
     open_study(p, pruner)  # create tables and the study once, before any worker starts
     _split_cached(p)
@@ -279,6 +280,23 @@ def run_sweep(p: Params, params_path: str | None, overrides: list[str], n_trials
             mlflow.log_params({f"best.{k}": v for k, v in summary["best_params"].items()})
             mlflow.log_artifacts(str(SWEEP_DIR), artifact_path="sweep")
     return summary
+
+
+def _ensure_inputs(p: Params) -> None:
+    """Prepare the dataset(s) and the pseudo-anomaly bank when a fresh clone has none yet."""
+    from pipelines import stages
+
+    for name in [p.data.name, *p.data.extra_sources]:
+        if not stages._manifest_path(name).is_file():
+            if name != p.data.name:
+                msg = f"data.extra_sources: {name} is not prepared; run `inpformer prepare --name {name} ...` first."
+                raise FileNotFoundError(msg)
+            print(f"No prepared data for '{name}': running prepare first.")
+            stages.prepare(p)
+    bank = stages.DATA / "synth" / p.data.name / "index.csv"
+    if p.synthesis.enabled and p.synthesis.bank_copies > 0 and not bank.is_file():
+        print("No pseudo-anomaly bank yet: running synthesize first.")
+        stages.synthesize(p, progress=False)
 
 
 def _results(p: Params, params_path: str | None, overrides: list[str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,14 +97,30 @@ def tracked_run(
         "dataset": p.data.name,
         **{k: str(v) for k, v in (tags or {}).items()},
     }
-    with mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags) as run:
-        params = {k: str(v)[:500] for k, v in flatten(p).items()}
-        items = list(params.items())
-        for i in range(0, len(items), 100):
-            mlflow.log_params(dict(items[i : i + 100]))
-        mlflow.log_dict(p.model_dump(mode="json"), "params/resolved.json")
-        yield mlflow
-        logger.info("MLflow run %s (%s)", run.info.run_id, run_name)
+    import tempfile
+
+    log_dir = Path(tempfile.mkdtemp(prefix="inpformer-log-"))
+    handler = logging.FileHandler(log_dir / f"{stage}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root_logger = logging.getLogger()
+    root_logger.addHandler(handler)
+    try:
+        with mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags) as run:
+            params = {k: str(v)[:500] for k, v in flatten(p).items()}
+            items = list(params.items())
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i : i + 100]))
+            mlflow.log_dict(p.model_dump(mode="json"), "params/resolved.json")
+            try:
+                yield mlflow
+            finally:
+                handler.flush()
+                mlflow.log_artifact(str(log_dir / f"{stage}.log"), artifact_path="logs")
+            logger.info("MLflow run %s (%s)", run.info.run_id, run_name)
+    finally:
+        root_logger.removeHandler(handler)
+        handler.close()
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def _champion_mad(client: Any, name: str, dataset: str, setting: str, group: str) -> float | None:
