@@ -100,7 +100,7 @@ def dvc_project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     proj = tmp / "proj"
     proj.mkdir()
-    for item in ("components", "pipelines", "dvc.yaml"):
+    for item in ("components", "pipelines", "dvc.yaml", "sweep"):
         src = ROOT / item
         (shutil.copytree(src, proj / item, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
          else shutil.copy(src, proj / item))  # fmt: skip
@@ -141,6 +141,7 @@ def test_dvc_repro_writes_metrics_and_registers_champion(dvc_project) -> None:
     plots = list((proj / "artifacts" / "eval" / "plots").glob("*.png"))
     assert any(p.name.endswith("_maps.png") for p in plots) and any("pixel_curves" in p.name for p in plots)
     assert "RANDOM-INIT encoder" in first.stdout
+    assert "Running stage 'sweep'" not in first.stdout  # the sweep is never part of plain `dvc repro`
 
     code = (
         "import mlflow; from mlflow import MlflowClient; mlflow.set_tracking_uri('sqlite:///mlruns/mlflow.db');"
