@@ -23,19 +23,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from components.metrics import METRIC_KEYS
+
 __all__ = ["STAGES", "pipeline", "serve"]
 
 STAGES = ("prepare", "synthesize", "train", "evaluate")
-METRIC_COLUMNS = (
-    "image_auroc",
-    "image_ap",
-    "image_f1_max",
-    "pixel_auroc",
-    "pixel_ap",
-    "pixel_f1_max",
-    "pixel_aupro",
-    "mad",
-)
+METRIC_COLUMNS = METRIC_KEYS  # the metrics.json keys, in table order
 
 
 @contextlib.contextmanager

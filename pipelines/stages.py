@@ -19,7 +19,7 @@ import numpy as np
 
 from components.checkpoint import atomic_write_text, load_model, save_model
 from components.data.datasets import ImageDataset, Record, read_manifest, write_manifest
-from components.data.io import read_mask, read_rgb
+from components.data.io import read_rgb
 from components.data.readers import (
     MVTEC_CATEGORIES,
     ScanReport,
@@ -530,7 +530,13 @@ def markdown_table(per_cat: dict[str, dict[str, float]], mean: dict[str, float])
 def _grid_and_attention(model, ds, res, tf, out_dir, cat, n, device, plot_map_grid, plot_attention, torch) -> None:
     if n <= 0:
         return
-    idx_anom = [i for i in range(len(ds)) if res.labels[i] == 1][: max(1, n - n // 4)]
+    by_defect: dict[str, list[int]] = defaultdict(list)  # round-robin over defect kinds
+    for i in range(len(ds)):
+        if res.labels[i] == 1:
+            by_defect[Path(res.paths[i]).parent.name].append(i)
+    queues = list(by_defect.values())
+    idx_anom = [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]
+    idx_anom = idx_anom[: max(1, n - n // 4)]
     idx_norm = [i for i in range(len(ds)) if res.labels[i] == 0][: n - len(idx_anom)]
     idx = idx_anom + idx_norm
     vmin, vmax = float(np.percentile(res.maps, 1)), float(res.maps.max())
@@ -554,9 +560,3 @@ def _grid_and_attention(model, ds, res, tf, out_dir, cat, n, device, plot_map_gr
     titles = [Path(res.paths[i]).parent.name + "/" + Path(res.paths[i]).name for i in idx]
     plot_map_grid(out_dir / f"{cat}_maps.png", cat, images, masks, maps, vmin, vmax, titles)
     plot_attention(out_dir / f"{cat}_inp_attention.png", cat, images[: len(atts)], atts)
-
-
-def load_rgb_mask_pair(path: str, mask_path: str) -> tuple[Any, Any]:
-    """Helper for interactive use: the RGB image and its binary mask."""
-    img = read_rgb(path)
-    return img, read_mask(mask_path, img.size) if mask_path else None
