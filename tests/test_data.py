@@ -365,3 +365,19 @@ def test_image_cache_hits_and_equals_uncached(tmp_path) -> None:
     _img(p, size=(40, 30), value=200)  # new content → new key
     assert not torch.equal(cached[0]["image"], plain)
     assert cache.misses == 2
+
+
+def test_union_of_prepared_datasets_qualifies_categories(tmp_path, monkeypatch) -> None:
+    from pipelines import stages
+    from pipelines.config import load_params
+
+    monkeypatch.chdir(tmp_path)
+    for name, cat in (("mvtec", "bottle"), ("visa", "candle")):
+        write_manifest(tmp_path / "data" / "prepared" / name / "manifest.csv",
+                       [Record(f"/x/{name}/{cat}/0.png", cat, "train", 0)])  # fmt: skip
+    p = load_params(None, ["data.name=mvtec", "data.extra_sources=[visa]", "setting.kind=super_multi_class"])
+    recs = stages._records(p)
+    assert sorted(r.category for r in recs) == ["mvtec/bottle", "visa/candle"]
+    assert list(stages._groups(p, recs)) == ["all"]
+    single = load_params(None, ["data.name=mvtec", "setting.kind=single_class"])
+    assert list(stages._groups(single, stages._records(single))) == ["bottle"]

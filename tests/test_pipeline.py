@@ -164,7 +164,7 @@ def test_second_repro_does_nothing_and_gamma_reruns_train_and_eval(dvc_project) 
     second = subprocess.run([dvc, "repro"], cwd=proj, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0
     assert "Running stage" not in second.stdout
-    status = subprocess.run([dvc, "status"], cwd=proj, env=env, capture_output=True, text=True)
+    status = subprocess.run([dvc, "status", "dvc.yaml"], cwd=proj, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout.lower() or status.stdout.strip() == ""
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["loss"]["gamma"] = 2.0
