@@ -146,14 +146,12 @@ def log_and_register_model(
         return {}
     from mlflow import MlflowClient
 
-    from pipelines.pyfunc import InpFormerPyfunc
-
     info_path = model_dir.parent / f".{model_dir.name}.inference.json"
     info_path.write_text(json.dumps(inference, indent=2))
     try:
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=InpFormerPyfunc(),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
             artifacts={"model": str(model_dir), "inference": str(info_path)},
             pip_requirements=["torch", "timm", "safetensors", "numpy", "pillow"],
             code_paths=[str(Path(__file__).resolve().parents[1] / d) for d in ("components", "pipelines")],
