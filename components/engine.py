@@ -39,7 +39,7 @@ from components.optim import StableAdamW, WarmCosineSchedule, clip_grad_norm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InferenceResult", "TrainConfig", "predict", "seed_everything", "train"]
+__all__ = ["MAP_KINDS", "InferenceResult", "TrainConfig", "predict", "score_batch", "seed_everything", "train"]
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -241,6 +241,8 @@ def _run_phase(
     joint = phase.name == "main" and has_head and cfg.residual_mode == "joint"
     head_only = phase.name == "head"
     trunk_ids = {id(p) for p in model.trunk_parameters()}
+    trunk_params = [p for p in trainable if id(p) in trunk_ids]
+    head_params = [p for p in trainable if id(p) not in trunk_ids]
     for epoch in range(int(progress["epoch"]), phase.epochs):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch + 10_000 * phase_idx)
@@ -264,8 +266,8 @@ def _run_phase(
                 values = _step_losses(model, batch, loss_fn, dice, device, joint, head_only, cfg)
             optimizer.zero_grad(set_to_none=True)
             values["total"].backward()
-            clip_grad_norm([p for p in trainable if id(p) in trunk_ids], cfg.grad_clip)
-            clip_grad_norm([p for p in trainable if id(p) not in trunk_ids], cfg.head_grad_clip)
+            clip_grad_norm(trunk_params, cfg.grad_clip)
+            clip_grad_norm(head_params, cfg.head_grad_clip)
             optimizer.step()
             schedule.step()
             logs = {k: float(v.detach()) for k, v in values.items()}
@@ -340,6 +342,41 @@ class InferenceResult:
         return asdict(self)
 
 
+MAP_KINDS = ("reconstruction", "fused", "inp_distance")
+
+
+def _check_map_kind(map_kind: str) -> None:
+    if map_kind not in MAP_KINDS:
+        msg = f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}."
+        raise ValueError(msg)
+
+
+@torch.no_grad()
+def score_batch(
+    model: Any,
+    images: torch.Tensor,
+    map_kind: str = "reconstruction",
+    resize: int | None = 256,
+    blur_kernel: int = 5,
+    blur_sigma: float = 4.0,
+    top_ratio: float = 0.01,
+    fused_l2_norm: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """images B×3×H×W → (post-processed maps B×1×R×R, image scores B) (spec §11–§13.8)."""
+    _check_map_kind(map_kind)
+    size = tuple(images.shape[-2:])
+    out = model(images)
+    if map_kind == "reconstruction":
+        amap = reconstruction_map(out.encoder_groups, out.decoder_groups, size)
+    elif map_kind == "inp_distance":
+        amap = inp_distance_map(out.fused_features, out.prototypes, out.grid, size)
+    else:
+        seg = torch.sigmoid(model.segment(out, size)) if model.seg_head is not None else None
+        amap = fused_map(out.encoder_groups, out.decoder_groups, seg, size, fused_l2_norm)
+    amap = postprocess(amap.float(), resize, blur_kernel, blur_sigma)
+    return amap, image_score(amap, top_ratio)
+
+
 @torch.no_grad()
 def predict(
     model: Any,
@@ -363,25 +400,14 @@ def predict(
     """
     from tqdm.auto import tqdm
 
-    if map_kind not in ("reconstruction", "fused", "inp_distance"):
-        msg = f"map_kind must be reconstruction, fused or inp_distance, got {map_kind!r}."
-        raise ValueError(msg)
+    _check_map_kind(map_kind)
     model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     maps, scores, labels, masks, paths, cats = [], [], [], [], [], []
     for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
         images = batch["image"].to(device)
-        size = tuple(images.shape[-2:])
-        out = model(images)
-        if map_kind == "reconstruction":
-            amap = reconstruction_map(out.encoder_groups, out.decoder_groups, size)
-        elif map_kind == "inp_distance":
-            amap = inp_distance_map(out.fused_features, out.prototypes, out.grid, size)
-        else:
-            seg = torch.sigmoid(model.segment(out, size)) if model.seg_head is not None else None
-            amap = fused_map(out.encoder_groups, out.decoder_groups, seg, size, fused_l2_norm)
-        amap = postprocess(amap.float(), resize, blur_kernel, blur_sigma)
-        scores.append(image_score(amap, top_ratio).cpu())
+        amap, score = score_batch(model, images, map_kind, resize, blur_kernel, blur_sigma, top_ratio, fused_l2_norm)
+        scores.append(score.cpu())
         maps.append(amap[:, 0].cpu())
         labels.append(torch.as_tensor(batch.get("label", torch.full((len(images),), -1))).cpu())
         if "mask" in batch:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from components.data.io import read_mask
+
 __all__ = ["CachedFeatureDataset", "FeatureCache", "encoder_fingerprint"]
 
 
@@ -58,6 +60,7 @@ class FeatureCache:
         load: ``path → normalised 3×C×C tensor`` (the dataset's transform).
         transform_key: anything identifying the transform (sizes).
         batch_size, device: for the one-off encoder pass.
+        fingerprint: :func:`encoder_fingerprint` of ``model`` when already computed.
     """
 
     def __init__(
@@ -70,8 +73,9 @@ class FeatureCache:
         batch_size: int = 16,
         device: str = "cpu",
         progress: bool = False,
+        fingerprint: str | None = None,
     ) -> None:
-        h = hashlib.sha256(encoder_fingerprint(model).encode())
+        h = hashlib.sha256((fingerprint or encoder_fingerprint(model)).encode())
         h.update(repr(transform_key).encode())
         for p in paths:
             h.update(_file_digest(p))
@@ -151,8 +155,6 @@ class CachedFeatureDataset(Dataset):
         if self.bank is not None and self.base.bank is not None:
             entries = self.base.bank[index]
             c = self.epoch % len(entries)
-            from components.data.io import read_mask
-
             item["anomaly_features"] = self.bank[index * self.copies + c]
             mask = np.asarray(read_mask(entries[c][1]), dtype=np.float32) / 255.0
             item["anomaly_mask"] = torch.from_numpy(mask)[None]

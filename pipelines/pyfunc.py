@@ -32,14 +32,8 @@ class InpFormerPyfunc(mlflow.pyfunc.PythonModel):
         import torch
         from PIL import Image
 
-        from components.anomaly_map import (
-            fused_map,
-            image_score,
-            inp_distance_map,
-            postprocess,
-            reconstruction_map,
-        )
         from components.data.transforms import ImageTransform
+        from components.engine import score_batch
 
         s = self.settings
         arr = np.asarray(model_input)
@@ -53,17 +47,9 @@ class InpFormerPyfunc(mlflow.pyfunc.PythonModel):
         out_maps, out_scores = [], []
         with torch.no_grad():
             for chunk in torch.split(batch, 16):
-                out = self.model(chunk)
-                size = tuple(chunk.shape[-2:])
-                if s["map"] == "inp_distance":
-                    amap = inp_distance_map(out.fused_features, out.prototypes, out.grid, size)
-                elif s["map"] == "fused":
-                    seg = torch.sigmoid(self.model.segment(out, size)) if self.model.seg_head is not None else None
-                    amap = fused_map(out.encoder_groups, out.decoder_groups, seg, size, s["fused_l2_norm"])
-                else:
-                    amap = reconstruction_map(out.encoder_groups, out.decoder_groups, size)
-                amap = postprocess(amap, s["resize"], s["blur_kernel"], s["blur_sigma"])
-                out_scores.append(image_score(amap, s["top_ratio"]))
+                amap, score = score_batch(self.model, chunk, s["map"], s["resize"], s["blur_kernel"], s["blur_sigma"],
+                                          s["top_ratio"], s["fused_l2_norm"])  # fmt: skip
+                out_scores.append(score)
                 out_maps.append(amap[:, 0])
         scores = torch.cat(out_scores).numpy()
         thr = float(s.get("image_threshold", math.nan))

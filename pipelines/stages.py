@@ -353,7 +353,7 @@ def train(p: Params, progress: bool = True, resume: bool = True) -> dict[str, An
 def cached_dataset(model: Any, dataset: ImageDataset, tf: Any, device: str, progress: bool = False) -> Any:
     """Wrap ``dataset`` so the frozen encoder runs once per image (and bank entry), not per epoch."""
     from components.data.io import read_rgb as _read
-    from components.feature_cache import CachedFeatureDataset, FeatureCache
+    from components.feature_cache import CachedFeatureDataset, FeatureCache, encoder_fingerprint
 
     def load(path: str) -> Any:
         if dataset.cache is not None:
@@ -370,12 +370,16 @@ def cached_dataset(model: Any, dataset: ImageDataset, tf: Any, device: str, prog
 
     key = (tf.resize, tf.crop)
     folder = DATA / "cache" / "features"
-    normal = FeatureCache(folder, model, [r.path for r in dataset.records], load, key, device=device, progress=progress)
+    fp = encoder_fingerprint(model)  # hashing the encoder once serves both caches
+    normal = FeatureCache(folder, model, [r.path for r in dataset.records], load, key, device=device,
+                          progress=progress, fingerprint=fp)  # fmt: skip
     bank, copies = None, 0
     if dataset.bank is not None:
         copies = len(dataset.bank[0])
         flat = [img for entries in dataset.bank for img, _ in entries]
-        bank = FeatureCache(folder, model, flat, load_bank, ("bank", *key), device=device, progress=progress)
+        bank = FeatureCache(
+            folder, model, flat, load_bank, ("bank", *key), device=device, progress=progress, fingerprint=fp
+        )
     return CachedFeatureDataset(dataset, normal, bank, copies)
 
 

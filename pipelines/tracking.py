@@ -167,18 +167,15 @@ def log_and_register_model(
         client.set_model_version_tag(name, version, k, v)
     client.set_registered_model_alias(name, "candidate", version)
     current = _champion_mad(client, name, p.data.name, p.setting.kind, group)
-    has_any_champion = True
     try:
         client.get_model_version_by_alias(name, "champion")
+        has_champion = True
     except Exception:
-        has_any_champion = False
-    promoted = False
-    if math.isfinite(mad) and (not has_any_champion or (current is not None and mad > current)):
+        has_champion = False
+    # first version: champion; later: only a better mAD on the same dataset and setting
+    promoted = not has_champion or (current is not None and math.isfinite(mad) and mad > current)
+    if promoted:
         client.set_registered_model_alias(name, "champion", version)
-        promoted = True
-    elif not has_any_champion:
-        client.set_registered_model_alias(name, "champion", version)
-        promoted = True
     return {
         "model_uri": info.model_uri,
         "version": version,
