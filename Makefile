@@ -16,7 +16,7 @@ export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export GIT_PYTHON_REFRESH := quiet
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup test demo lint format bench clean mlflow-ui prefect-ui
+.PHONY: setup test test-fast demo lint format bench clean mlflow-ui prefect-ui
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Everything but the end-to-end DVC, Prefect and sweep tests (marked slow); under 90 s on 2 cores.
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 demo: setup
 	@test -d .git || (git init -q && git add -A && git -c user.name=inpformer -c user.email=inpformer@localhost commit -qm "initial" )

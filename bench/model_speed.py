@@ -82,7 +82,7 @@ def attention_memory(dim: int, heads: int, n: int, m: int, batch: int, device: s
 
 def bench(name: str, size: int, batch: int, iters: int, device: str) -> dict:
     torch.manual_seed(0)
-    model = InpFormer(name, image_size=size, pretrained=False, download=False, seg_head="onenip").to(device)
+    model = InpFormer(name, image_size=size, seg_head="onenip").to(device)
     x = torch.randn(batch, 3, size, size, device=device)
     mask = (torch.rand(batch, 1, size, size, device=device) > 0.9).float()
     npm, dice = NormalPatternLoss(coherence="soft"), DiceLoss()

@@ -26,11 +26,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from components.model import InpFormer, InpFormerConfig
+
 __all__ = [
     "atomic_write_text",
     "latest_checkpoint",
     "load_model",
     "load_train_state",
+    "read_progress",
     "rng_state",
     "save_model",
     "save_train_checkpoint",
@@ -75,14 +78,12 @@ def save_model(folder: str | os.PathLike, model: torch.nn.Module, config: dict[s
     return folder
 
 
-def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
+def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[InpFormer, dict[str, Any]]:
     """Rebuild an :class:`~components.model.InpFormer` from a folder written by :func:`save_model`.
 
-    The encoder is built without downloading (its weights are in the file) and the flag saying
-    whether it was pretrained is restored from the config.
+    The network comes from the stored :class:`InpFormerConfig` (the encoder's weights are in the
+    file) and the flag saying whether the encoder was pretrained is restored from the config.
     """
-    from components.model import InpFormer
-
     folder = Path(folder)
     cfg_path, weights_path = folder / "config.json", folder / "model.safetensors"
     for p in (cfg_path, weights_path):
@@ -90,9 +91,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
             msg = f"{p} is missing: {folder} is not a complete model folder (re-run training)."
             raise FileNotFoundError(msg)
     config = json.loads(cfg_path.read_text())
-    kwargs = dict(config["model"])
-    kwargs.update(pretrained=False, weights=None, download=False)
-    model = InpFormer(**kwargs)
+    model = InpFormer.from_config(InpFormerConfig.from_dict(config["model"]))
     model.load_state_dict(load_file(str(weights_path)), strict=True)
     model.encoder.pretrained_loaded = bool(config.get("encoder_pretrained", False))
     model.encoder.weights_source = str(config.get("encoder_weights_source", "checkpoint"))
@@ -169,6 +168,11 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     target = Path(folder) / latest.read_text().strip()
     needed = ("model.safetensors", "config.json", "train_state.safetensors", "train_state.json")
     return target if all((target / f).is_file() for f in needed) else None
+
+
+def read_progress(target: str | os.PathLike) -> dict[str, Any]:
+    """The progress dict (phase, epoch, batch, iterations, history) of a training checkpoint."""
+    return json.loads((Path(target) / "train_state.json").read_text())["progress"]
 
 
 def load_train_state(

@@ -24,10 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
-from components.data.io import read_mask
+from components.data import batch as keys
+from components.data.datasets import ImageDataset
+from components.data.io import read_mask, read_rgb
 
-__all__ = ["CachedFeatureDataset", "FeatureCache", "encoder_fingerprint"]
+__all__ = ["ENCODE_BATCH", "CachedFeatureDataset", "FeatureCache", "cached_dataset", "encoder_fingerprint"]
+
+ENCODE_BATCH = 16  # images per batch of the one-off encoder pass
 
 
 def encoder_fingerprint(model: Any) -> str:
@@ -59,7 +64,7 @@ class FeatureCache:
         paths: the image files, in dataset order.
         load: ``path → normalised 3×C×C tensor`` (the dataset's transform).
         transform_key: anything identifying the transform (sizes).
-        batch_size, device: for the one-off encoder pass.
+        device: for the one-off encoder pass (batches of :data:`ENCODE_BATCH`).
         fingerprint: :func:`encoder_fingerprint` of ``model`` when already computed.
     """
 
@@ -70,7 +75,6 @@ class FeatureCache:
         paths: Sequence[str],
         load: Any,
         transform_key: Any,
-        batch_size: int = 16,
         device: str = "cpu",
         progress: bool = False,
         fingerprint: str | None = None,
@@ -83,13 +87,12 @@ class FeatureCache:
         self.dir = Path(folder) / self.key
         self.built = False
         if not (self.dir / "done.json").is_file():
-            self._build(model, list(paths), load, batch_size, device, progress)
+            self._build(model, list(paths), load, device, progress)
             self.built = True
         self.array = np.load(self.dir / "features.npy", mmap_mode="r")
 
-    def _build(self, model: Any, paths: list[str], load: Any, batch_size: int, device: str, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
+    def _build(self, model: Any, paths: list[str], load: Any, device: str, progress: bool) -> None:
+        batch_size = ENCODE_BATCH
         tmp = self.dir.with_name(self.dir.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -147,18 +150,46 @@ class CachedFeatureDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.base.records[index]
         item: dict[str, Any] = {
-            "features": self.normal[index],
-            "label": rec.label,
-            "path": rec.path,
-            "category": rec.category,
+            keys.FEATURES: self.normal[index],
+            keys.LABEL: rec.label,
+            keys.PATH: rec.path,
+            keys.CATEGORY: rec.category,
         }
         if self.bank is not None and self.base.bank is not None:
             entries = self.base.bank[index]
             c = self.epoch % len(entries)
-            item["anomaly_features"] = self.bank[index * self.copies + c]
+            item[keys.ANOMALY_FEATURES] = self.bank[index * self.copies + c]
             mask = np.asarray(read_mask(entries[c][1]), dtype=np.float32) / 255.0
-            item["anomaly_mask"] = torch.from_numpy(mask)[None]
+            item[keys.ANOMALY_MASK] = torch.from_numpy(mask)[None]
         elif self.base.synthesizer is not None:
             full = self.base[index]  # on-the-fly synthesis changes every epoch: no cache for it
-            item["anomaly_image"], item["anomaly_mask"] = full["anomaly_image"], full["anomaly_mask"]
+            item[keys.ANOMALY_IMAGE], item[keys.ANOMALY_MASK] = full[keys.ANOMALY_IMAGE], full[keys.ANOMALY_MASK]
         return item
+
+
+def cached_dataset(model: Any, dataset: ImageDataset, folder: str | os.PathLike, device: str, progress: bool = False):
+    """Wrap ``dataset`` so the frozen encoder runs once per image (and bank entry), not per epoch.
+
+    Caches live under ``folder/<key>/``; the encoder is hashed once for both caches.
+    """
+    tf = dataset.transform
+
+    def load(path: str) -> torch.Tensor:
+        return tf.normalize(dataset.unit(path))
+
+    def load_bank(path: str) -> torch.Tensor:
+        arr = np.asarray(read_rgb(path), dtype=np.float32) / 255.0
+        return tf.normalize(torch.from_numpy(arr).permute(2, 0, 1))
+
+    key = (tf.resize, tf.crop)
+    fp = encoder_fingerprint(model)
+    paths = [r.path for r in dataset.records]
+    normal = FeatureCache(folder, model, paths, load, key, device=device, progress=progress, fingerprint=fp)
+    bank, copies = None, 0
+    if dataset.bank is not None:
+        copies = len(dataset.bank[0])
+        flat = [img for entries in dataset.bank for img, _ in entries]
+        bank = FeatureCache(
+            folder, model, flat, load_bank, ("bank", *key), device=device, progress=progress, fingerprint=fp
+        )
+    return CachedFeatureDataset(dataset, normal, bank, copies)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "COHERENCE_KINDS",
+    "MSE_REDUCTIONS",
     "DiceLoss",
     "HardCoherenceLoss",
     "NormalPatternLoss",
@@ -27,6 +29,9 @@ __all__ = [
     "inp_distance",
     "scale_grad",
 ]
+
+COHERENCE_KINDS = ("hard", "soft")
+MSE_REDUCTIONS = ("mean", "sum")
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -120,8 +125,8 @@ class SoftMiningLoss(nn.Module):
         if gamma < 0:
             msg = f"gamma must be >= 0, got {gamma}."
             raise ValueError(msg)
-        if mse_reduction not in ("mean", "sum"):
-            msg = f"mse_reduction must be 'mean' or 'sum', got {mse_reduction!r}."
+        if mse_reduction not in MSE_REDUCTIONS:
+            msg = f"mse_reduction must be one of {MSE_REDUCTIONS}, got {mse_reduction!r}."
             raise ValueError(msg)
         self.gamma = float(gamma)
         self.mse_weight = float(mse_weight)
@@ -211,8 +216,8 @@ class NormalPatternLoss(nn.Module):
         mse_reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if coherence not in ("hard", "soft"):
-            msg = f"coherence must be 'hard' or 'soft', got {coherence!r}."
+        if coherence not in COHERENCE_KINDS:
+            msg = f"coherence must be one of {COHERENCE_KINDS}, got {coherence!r}."
             raise ValueError(msg)
         self.lam = float(lam)
         self.mining = SoftMiningLoss(gamma, mse_weight, mse_gamma, mse_reduction)

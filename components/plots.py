@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from components.data import batch as keys
 from components.metrics import curve_points, region_weights
 
-__all__ = ["plot_attention", "plot_curves", "plot_histogram", "plot_map_grid"]
+__all__ = ["plot_attention", "plot_curves", "plot_examples", "plot_histogram", "plot_map_grid", "select_examples"]
+
+ATTENTION_ROWS = 4  # images in the INP attention figure
 
 
 def _roc_pr(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None, max_points: int = 2000):
@@ -146,3 +153,52 @@ def plot_attention(
     fig.savefig(out_path, dpi=70)
     plt.close(fig)
     return Path(out_path)
+
+
+def select_examples(labels: np.ndarray, paths: Sequence[str], n: int) -> list[int]:
+    """Indices for a grid of ``n``: anomalies round-robin over defect kinds (folder names), then normals.
+
+    At least one anomalous image (when any) and up to a quarter of the grid for normal images.
+    """
+    by_defect: dict[str, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        if label == 1:
+            by_defect[Path(paths[i]).parent.name].append(i)
+    queues = list(by_defect.values())
+    anomalous = [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]
+    anomalous = anomalous[: max(1, n - n // 4)]
+    normal = [i for i in range(len(labels)) if labels[i] == 0][: n - len(anomalous)]
+    return anomalous + normal
+
+
+def plot_examples(
+    model: Any, dataset: Any, result: Any, out_dir: str | os.PathLike, category: str, n: int, device: str
+) -> None:
+    """``<category>_maps.png`` (image | truth | map | overlay) and ``<category>_inp_attention.png``.
+
+    ``result`` is the :class:`~components.inference.InferenceResult` of ``dataset``; ``model`` is
+    run again with attention maps for the first :data:`ATTENTION_ROWS` examples.
+    """
+    if n <= 0:
+        return
+    idx = select_examples(result.labels, result.paths, n)
+    vmin, vmax = float(np.percentile(result.maps, 1)), float(result.maps.max())
+    size = result.maps.shape[-1]
+    images, masks, maps, atts = [], [], [], []
+    for i in idx:
+        item = dataset[i]
+        img = dataset.transform.denormalize(item[keys.IMAGE])
+        small = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        images.append(small.permute(1, 2, 0).numpy())
+        masks.append(result.masks[i] if result.masks is not None else None)
+        maps.append(result.maps[i])
+        if len(atts) < ATTENTION_ROWS:
+            with torch.no_grad():
+                out = model(item[keys.IMAGE][None].to(device), return_attention=True)
+            a = out.attention[-1][0].mean(0)  # N×M, last decoder block, heads averaged
+            h, w = out.grid
+            atts.append(a.T.reshape(-1, h, w).cpu().numpy())
+    titles = [Path(result.paths[i]).parent.name + "/" + Path(result.paths[i]).name for i in idx]
+    out_dir = Path(out_dir)
+    plot_map_grid(out_dir / f"{category}_maps.png", category, images, masks, maps, vmin, vmax, titles)
+    plot_attention(out_dir / f"{category}_inp_attention.png", category, images[: len(atts)], atts)

@@ -1,28 +1,41 @@
-"""The one place that maps validated params to constructor arguments of ``components``."""
+"""The one place that maps validated params to constructor arguments of ``components``.
+
+Decisions that depend on several sections are made here once: whether residual learning is on
+(a head and synthesis are both needed), which map scores a model, which device runs.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from dataclasses import fields
 
 import torch
 
 from components.data.synthesis import PseudoAnomalySynthesizer, TextureBank
 from components.data.transforms import ImageTransform
-from components.engine import TrainConfig
+from components.inference import ScoringConfig
 from components.losses import DiceLoss, NormalPatternLoss
-from components.model import InpFormer
+from components.model import EncoderWeightsError, InpFormer, InpFormerConfig, load_pretrained
+from components.training import TrainConfig
 from pipelines.config import Params
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "WEIGHT_KEYS",
     "build_loss",
     "build_model",
+    "build_scoring",
     "build_synthesizer",
     "build_train_config",
     "build_transform",
-    "map_kind",
-    "model_kwargs",
+    "model_config",
+    "residual_mode",
     "resolve_device",
 ]
+
+# The params keys behind load_pretrained's arguments (named in its errors by the pipeline).
+WEIGHT_KEYS = ("model.pretrained", "model.weights", "model.weights_dir", "model.download")
 
 
 def resolve_device(name: str) -> str:
@@ -35,38 +48,47 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def model_kwargs(p: Params) -> dict[str, Any]:
-    """JSON-able keyword arguments of :class:`~components.model.InpFormer`."""
+def model_config(p: Params) -> InpFormerConfig:
+    """The architecture described by ``p.model`` at ``p.data.crop_size``."""
     m = p.model
-    return {
-        "encoder_name": m.encoder,
-        "image_size": p.data.crop_size,
-        "num_prototypes": m.num_prototypes,
-        "pretrained": m.pretrained,
-        "weights": m.weights or None,
-        "weights_dir": m.weights_dir,
-        "taps": m.taps,
-        "encoder_groups": m.encoder_groups,
-        "decoder_groups": m.decoder_groups,
-        "decoder_depth": m.decoder_depth,
-        "extractor_depth": m.extractor_depth,
-        "mlp_ratio": m.mlp_ratio,
-        "norm_eps": m.norm_eps,
-        "bottleneck_dropout": m.bottleneck_dropout,
-        "init_std": m.init_std,
-        "init_bound": m.init_bound,
-        "pos_embed_interp": m.pos_embed_interp,
-        "encoder_fused_attn": m.encoder_fused_attn,
-        "download": m.download,
-        "seg_head": None if m.seg_head == "none" else m.seg_head,
-        "seg_head_channels": m.seg_head_channels,
-        "encoder_overrides": dict(m.encoder_overrides) or None,
-    }
+    return InpFormerConfig(
+        encoder_name=m.encoder,
+        image_size=p.data.crop_size,
+        num_prototypes=m.num_prototypes,
+        taps=m.taps,
+        encoder_groups=m.encoder_groups,
+        decoder_groups=m.decoder_groups,
+        decoder_depth=m.decoder_depth,
+        extractor_depth=m.extractor_depth,
+        mlp_ratio=m.mlp_ratio,
+        norm_eps=m.norm_eps,
+        bottleneck_dropout=m.bottleneck_dropout,
+        init_std=m.init_std,
+        init_bound=m.init_bound,
+        pos_embed_interp=m.pos_embed_interp,
+        encoder_fused_attn=m.encoder_fused_attn,
+        encoder_overrides=dict(m.encoder_overrides),
+        seg_head=None if m.seg_head == "none" else m.seg_head,
+        seg_head_channels=m.seg_head_channels,
+    )
 
 
 def build_model(p: Params) -> InpFormer:
-    """The model described by ``p.model`` at ``p.data.crop_size``."""
-    return InpFormer(**model_kwargs(p))
+    """The model of ``p.model``, its encoder loaded with DINOv2 weights as ``model.pretrained`` says.
+
+    Raises:
+        EncoderWeightsError: ``model.pretrained: true`` and no weights; the message names the keys.
+    """
+    model = InpFormer.from_config(model_config(p))
+    m = p.model
+    try:
+        loaded = load_pretrained(model.encoder, m.pretrained, m.weights or None, m.weights_dir, m.download)
+    except EncoderWeightsError as err:
+        msg = f"{err} In params: {', '.join(WEIGHT_KEYS)}."
+        raise EncoderWeightsError(msg) from err
+    if not loaded and m.pretrained == "auto":
+        logger.warning("Encoder is random-init: set model.weights or put the file into model.weights_dir.")
+    return model
 
 
 def build_loss(p: Params) -> tuple[NormalPatternLoss, DiceLoss]:
@@ -84,34 +106,25 @@ def build_loss(p: Params) -> tuple[NormalPatternLoss, DiceLoss]:
     return npm, DiceLoss(eps=lp.dice_eps, only_anomalous=lp.dice_only_anomalous)
 
 
+def residual_mode(p: Params) -> str:
+    """``train.residual_mode``, or ``off`` without a head or without pseudo anomalies (decided here only)."""
+    return p.train.residual_mode if (p.model.seg_head != "none" and p.synthesis.enabled) else "off"
+
+
 def build_train_config(p: Params, progress: bool = True) -> TrainConfig:
-    """Engine settings from ``p.train`` (+ the seed, batch size, workers and seg weight)."""
-    t = p.train
-    residual = t.residual_mode if (p.model.seg_head != "none" and p.synthesis.enabled) else "off"
-    return TrainConfig(
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        final_lr=t.final_lr,
-        warmup_iters=t.warmup_iters,
-        betas=tuple(t.betas),
-        eps=t.eps,
-        weight_decay=t.weight_decay,
-        amsgrad=t.amsgrad,
-        clip_threshold=t.clip_threshold,
-        grad_clip=t.grad_clip,
-        head_grad_clip=t.head_grad_clip,
-        head_lr_scale=t.head_lr_scale,
+    """Engine settings: every ``train`` key that :class:`TrainConfig` has, plus the cross-section ones."""
+    known = {f.name for f in fields(TrainConfig)}
+    shared = {k: v for k, v in p.train.model_dump().items() if k in known}
+    shared.update(
+        betas=tuple(p.train.betas),
         seg_weight=p.loss.seg_weight,
-        residual_mode=residual,
-        head_epochs=t.head_epochs,
+        residual_mode=residual_mode(p),
         seed=p.seed,
-        device=resolve_device(t.device),
-        amp=t.amp,
+        device=resolve_device(p.train.device),
         num_workers=p.data.num_workers,
-        checkpoint_every=t.checkpoint_every,
         progress=progress,
     )
+    return TrainConfig(**shared)
 
 
 def build_transform(p: Params) -> ImageTransform:
@@ -124,8 +137,13 @@ def build_synthesizer(p: Params) -> PseudoAnomalySynthesizer | None:
     s = p.synthesis
     if not s.enabled:
         return None
+    try:
+        textures = TextureBank(s.texture_dir or None, procedural_size=max(p.data.crop_size, 64))
+    except FileNotFoundError as err:
+        msg = f"{err} Set synthesis.texture_dir to a DTD images folder (inpformer prepare --dataset dtd), or ''."
+        raise FileNotFoundError(msg) from err
     return PseudoAnomalySynthesizer(
-        textures=TextureBank(s.texture_dir or None, procedural_size=max(p.data.crop_size, 64)),
+        textures=textures,
         empty_prob=s.empty_prob,
         beta_max=s.beta_max,
         num_augmenters=s.num_augmenters,
@@ -135,10 +153,17 @@ def build_synthesizer(p: Params) -> PseudoAnomalySynthesizer | None:
     )
 
 
-def map_kind(p: Params, has_head: bool) -> str:
-    """The evaluation map: zero-shot → INP distance; with a head → fused; else reconstruction."""
-    if p.eval.map != "auto":
-        return p.eval.map
-    if p.setting.kind == "zero_shot":
-        return "inp_distance"
-    return "fused" if has_head else "reconstruction"
+def build_scoring(p: Params, has_head: bool) -> ScoringConfig:
+    """Scoring settings; ``eval.map: auto`` → zero-shot: INP distance, with a head: fused, else reconstruction."""
+    e = p.eval
+    kind = e.map
+    if kind == "auto":
+        kind = "inp_distance" if p.setting.kind == "zero_shot" else ("fused" if has_head else "reconstruction")
+    return ScoringConfig(
+        map_kind=kind,
+        resize=e.resize,
+        blur_kernel=e.blur_kernel,
+        blur_sigma=e.blur_sigma,
+        top_ratio=e.top_ratio,
+        fused_l2_norm=e.fused_l2_norm,
+    )

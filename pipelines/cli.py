@@ -13,13 +13,27 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-__all__ = ["main"]
+from components.data.readers import DATASET_KINDS
+from pipelines import stages
+from pipelines.config import ConfigError, Params, load_params
+from pipelines.tracking import hermetic_env
+
+__all__ = ["build_parser", "main"]
+
+NOISY_LOGGERS = ("alembic", "mlflow", "urllib3", "httpx", "git", "PIL")
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params key, e.g. --set model.num_prototypes=8 (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params key, e.g. --set model.num_prototypes=8 (repeatable)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -30,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="download/index a dataset into data/prepared/<name>/manifest.csv")
     _common(p)
-    p.add_argument("--dataset", help="synthetic | folder | flat | mvtec | visa | realiad | mpdd | btad")
+    p.add_argument("--dataset", choices=(*DATASET_KINDS, "dtd"), help="dataset kind (default: data.dataset)")
     p.add_argument("--from", dest="source", help="archive or folder to use instead of downloading")
     p.add_argument("--name", help="prepared dataset name (default: data.name)")
     p = sub.add_parser("synthesize", help="write the fixed pseudo-anomaly bank data/synth/<name>/")
@@ -60,13 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("alembic", "mlflow", "urllib3", "httpx", "git", "PIL"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from pipelines.tracking import hermetic_env
-
     hermetic_env(os.getcwd())
-    from pipelines.config import ConfigError, load_params
-
     try:
         params = load_params(args.params, args.overrides)
     except ConfigError as err:
@@ -76,16 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="mlflow")
     try:
         return _dispatch(args, params, progress)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
+    except USER_ERRORS as err:
         if args.verbose:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
 
 
-def _dispatch(args: argparse.Namespace, params, progress: bool) -> int:
-    from pipelines import stages
-
+def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
     if args.command == "prepare":
         stages.prepare(params, args.source, args.dataset, args.name)
     elif args.command == "synthesize":
@@ -95,15 +103,15 @@ def _dispatch(args: argparse.Namespace, params, progress: bool) -> int:
     elif args.command == "evaluate":
         stages.evaluate(params, progress=progress)
     elif args.command == "sweep":
-        from pipelines.sweep import run_sweep
+        from pipelines.sweep import run_sweep  # optuna: imported only by the commands that need it
 
         run_sweep(params, args.params, args.overrides, args.n_trials, args.timeout, args.workers, progress)
     elif args.command == "pipeline":
-        from pipelines.flows import pipeline
+        from pipelines.flows import pipeline  # prefect: imported only by the commands that need it
 
         pipeline(overrides=args.overrides)
     elif args.command == "serve":
-        from pipelines.flows import serve
+        from pipelines.flows import serve  # prefect: imported only by the commands that need it
 
         serve(args.cron, args.name)
     return 0

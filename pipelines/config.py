@@ -1,8 +1,10 @@
 """params.yaml: the single source of every tunable value, validated once by pydantic.
 
-Unknown keys and wrong types are rejected with the key's dotted name and the allowed values,
-before any work starts. ``--set KEY=VALUE`` overrides are parsed as YAML scalars and validated the
-same way.
+The defaults below are the paper's configuration (``params.paper.yaml`` equals them, a test checks
+it); ``params.yaml`` is the CPU-sized demo on top. Allowed values come from the components'
+constants. Unknown keys and wrong types are rejected with the key's dotted name and the allowed
+values, before any work starts. ``--set KEY=VALUE`` overrides are parsed as YAML scalars and
+validated the same way. A missing or empty params file is an error, never "all defaults".
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["ConfigError", "Params", "apply_overrides", "flatten", "load_params"]
+from components.anomaly_map import FUSED_L2_NORMS
+from components.data.readers import DATASET_KINDS
+from components.inference import MAP_KINDS
+from components.losses import COHERENCE_KINDS, MSE_REDUCTIONS
+from components.model.encoder import PATCH_SIZE, POS_EMBED_INTERPOLATIONS
+from components.model.seg_head import SEG_HEAD_LAYOUTS
+from components.training import AMP_MODES, RESIDUAL_MODES
+
+__all__ = ["ConfigError", "Params", "apply_overrides", "flatten", "load_params", "set_dotted"]
+
+SETTING_KINDS = ("single_class", "multi_class", "super_multi_class", "few_shot", "semi_supervised", "zero_shot")
 
 
 class ConfigError(ValueError):
@@ -28,9 +40,7 @@ class _Strict(BaseModel):
 class SettingParams(_Strict):
     """Which of the paper's settings to run."""
 
-    kind: Literal["single_class", "multi_class", "super_multi_class", "few_shot", "semi_supervised", "zero_shot"] = (
-        "multi_class"
-    )
+    kind: Literal[SETTING_KINDS] = "multi_class"  # type: ignore[valid-type]
     few_shot_k: int = Field(4, ge=1)
     semi_supervised_n: int = Field(10, ge=1)
     zero_shot_source: str = ""  # folder of a trained model (source dataset) for zero-shot
@@ -50,14 +60,14 @@ class SyntheticParams(_Strict):
 class DataParams(_Strict):
     """Where images come from and how they are shaped."""
 
-    dataset: Literal["synthetic", "folder", "flat", "mvtec", "visa", "realiad", "mpdd", "btad"] = "synthetic"
-    name: str = "synthetic"
+    dataset: Literal[DATASET_KINDS] = "mvtec"  # type: ignore[valid-type]
+    name: str = "mvtec"
     source: str = ""  # --from: an archive or folder for air-gapped machines
     extra_sources: list[str] = Field(default_factory=list)  # more prepared names (super-multi-class)
     categories: list[str] = Field(default_factory=list)
     image_size: int = Field(448, ge=14)
     crop_size: int = Field(392, ge=14)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(4, ge=0)
     cache: bool = True
     skip_bad: bool = False
     synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
@@ -67,8 +77,8 @@ class DataParams(_Strict):
         if self.crop_size > self.image_size:
             msg = f"data.crop_size ({self.crop_size}) must not exceed data.image_size ({self.image_size})"
             raise ValueError(msg)
-        if self.crop_size % 14:
-            msg = f"data.crop_size ({self.crop_size}) must be a multiple of the patch size 14"
+        if self.crop_size % PATCH_SIZE:
+            msg = f"data.crop_size ({self.crop_size}) must be a multiple of the patch size {PATCH_SIZE}"
             raise ValueError(msg)
         return self
 
@@ -77,14 +87,14 @@ class SynthesisParams(_Strict):
     """Pseudo anomalies for the INP-Former++ head (spec §13.6)."""
 
     enabled: bool = True
-    texture_dir: str = ""
+    texture_dir: str = "data/raw/dtd/extracted/dtd/images"  # empty: procedural textures
     empty_prob: float = Field(0.5, ge=0, le=1)
     beta_max: float = Field(0.8, ge=0, le=1)
     num_augmenters: int = Field(3, ge=0, le=10)
     max_perlin_exponent: int = Field(6, ge=1, le=8)
     threshold: float = 0.5
     rotate_prob: float = Field(0.3, ge=0, le=1)
-    bank_copies: int = Field(4, ge=0)  # 0: synthesise on the fly every epoch
+    bank_copies: int = Field(0, ge=0)  # 0: synthesise on the fly every epoch
     seed: int = 0
 
 
@@ -107,9 +117,9 @@ class ModelParams(_Strict):
     bottleneck_dropout: float = Field(0.0, ge=0, lt=1)
     init_std: float = Field(0.01, gt=0)
     init_bound: float = Field(0.03, gt=0)
-    pos_embed_interp: Literal["official", "timm"] = "official"
+    pos_embed_interp: Literal[POS_EMBED_INTERPOLATIONS] = "official"  # type: ignore[valid-type]
     encoder_fused_attn: bool = False
-    seg_head: Literal["onenip", "plain", "none"] = "onenip"
+    seg_head: Literal[(*SEG_HEAD_LAYOUTS, "none")] = "onenip"  # type: ignore[valid-type]
     seg_head_channels: int = Field(256, ge=1)
     encoder_overrides: dict[str, int] = Field(default_factory=dict)  # dev/tests: tiny encoders (no real weights)
 
@@ -119,11 +129,11 @@ class LossParams(_Strict):
 
     gamma: float = Field(3.0, ge=0)
     lam: float = Field(0.2, ge=0)
-    coherence: Literal["hard", "soft"] = "hard"
+    coherence: Literal[COHERENCE_KINDS] = "soft"  # type: ignore[valid-type]
     soft_temperature: float = Field(1.0, gt=0)
-    mse_weight: float = Field(0.0, ge=0)
+    mse_weight: float = Field(1.0, ge=0)
     mse_gamma: float | None = None
-    mse_reduction: Literal["mean", "sum"] = "mean"
+    mse_reduction: Literal[MSE_REDUCTIONS] = "mean"  # type: ignore[valid-type]
     seg_weight: float = Field(1.0, ge=0)
     dice_eps: float = Field(1e-6, gt=0)
     dice_only_anomalous: bool = True
@@ -145,11 +155,11 @@ class TrainParams(_Strict):
     grad_clip: float = Field(0.1, ge=0)
     head_grad_clip: float = Field(0.1, ge=0)
     head_lr_scale: float = Field(1.0, gt=0)
-    residual_mode: Literal["joint", "two_stage", "off"] = "joint"
+    residual_mode: Literal[RESIDUAL_MODES] = "joint"  # type: ignore[valid-type]
     head_epochs: int = Field(100, ge=0)
     device: str = "auto"
-    amp: Literal["none", "bf16"] = "none"
-    checkpoint_every: int = Field(0, ge=0)
+    amp: Literal[AMP_MODES] = "none"  # type: ignore[valid-type]
+    checkpoint_every: int = Field(1000, ge=0)
     deterministic: bool = True
     feature_cache: bool = False  # cache the frozen encoder's outputs (fp16, memory-mapped) across epochs
 
@@ -165,12 +175,12 @@ class TrainParams(_Strict):
 class EvalParams(_Strict):
     """Anomaly maps, post-processing and metrics (spec §12, §13.8)."""
 
-    map: Literal["auto", "fused", "reconstruction", "inp_distance"] = "auto"
+    map: Literal[("auto", *MAP_KINDS)] = "auto"  # type: ignore[valid-type]
     resize: int = Field(256, ge=8)
     blur_kernel: int = Field(5, ge=0)
     blur_sigma: float = Field(4.0, gt=0)
     top_ratio: float = Field(0.01, ge=0, le=1)
-    fused_l2_norm: Literal["none", "channel_rms", "relative"] = "none"
+    fused_l2_norm: Literal[FUSED_L2_NORMS] = "none"  # type: ignore[valid-type]
     metrics_mode: Literal["exact", "binned"] = "exact"
     fpr_limit: float = Field(0.3, gt=0, le=1)
     batch_size: int = Field(16, ge=1)
@@ -247,11 +257,12 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(tree: Any, key: str, value: Any) -> None:
+    """``tree["a"]["b"]["c"] = value`` for ``key="a.b.c"``, creating mappings on the way."""
     parts = key.split(".")
     node = tree
     for p in parts[:-1]:
-        if not isinstance(node.get(p), dict):
+        if not hasattr(node.get(p), "keys"):
             node[p] = {}
         node = node[p]
     node[parts[-1]] = value
@@ -269,31 +280,37 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except yaml.YAMLError as err:
             msg = f"--set {key}: cannot parse value {raw!r} ({err})"
             raise ConfigError(msg) from err
-        _set_dotted(tree, key.strip(), value)
+        set_dotted(tree, key.strip(), value)
     return tree
 
 
-def load_params(path: str | os.PathLike | None = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read, override and validate params (a missing file means all defaults)."""
-    tree: dict[str, Any] = {}
-    source = str(path) if path else "<defaults>"
-    if path and Path(path).is_file():
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as err:
-            msg = f"{path}: not valid YAML ({err})"
-            raise ConfigError(msg) from err
-        if not isinstance(tree, dict):
-            msg = f"{path}: expected a mapping of sections, got {type(tree).__name__}"
-            raise ConfigError(msg)
-    elif path and Path(path).name != "params.yaml":
-        msg = f"params file {path} not found"
+def load_params(path: str | os.PathLike = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override and validate a params file.
+
+    Raises:
+        ConfigError: the file is missing, empty or invalid, or an override is; the message names
+            the file and the key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"params file {path} not found (copy params.yaml or params.paper.yaml from the repository)."
+        raise ConfigError(msg)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        msg = f"{path}: not valid YAML ({err})"
+        raise ConfigError(msg) from err
+    if tree is None:
+        msg = f"{path} is empty: write the params to use (e.g. copy params.paper.yaml) rather than relying on defaults."
+        raise ConfigError(msg)
+    if not isinstance(tree, dict):
+        msg = f"{path}: expected a mapping of sections, got {type(tree).__name__}"
         raise ConfigError(msg)
     tree = apply_overrides(tree, overrides or [])
     try:
         return Params.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source + (" (with --set overrides)" if overrides else ""))) from err
+        raise ConfigError(_format_error(err, str(path) + (" (with --set overrides)" if overrides else ""))) from err
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Prefect flows: the DVC stages as tasks, scheduled reruns, and a metrics table artifact.
 
+prefect is imported at module top: this module is only imported by the commands that run flows.
+
 One direction of control: Prefect → DVC → plain ``inpformer`` commands. Each task runs
 ``dvc repro --single-item <stage>`` under a workspace file lock (DVC allows one command per
 workspace), streams its output into the Prefect logs and retries the I/O stages. Flow parameters
@@ -20,10 +22,17 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from ruamel.yaml import YAML
 
 from components.metrics import METRIC_KEYS
+from pipelines.config import load_params, set_dotted
+from pipelines.paths import EVAL_RUN_FILE, METRICS_FILE, SWEEP_DIR
+from pipelines.sweep import PARENT_ENV, WORKER_ENV, open_study, worker_shares, write_results
+from pipelines.sweep_objective import cached_validation_split
+from pipelines.tracking import tracked_run
 
 __all__ = ["STAGES", "pipeline", "serve"]
 
@@ -82,24 +91,9 @@ def compute_stage(stage: str, root: str) -> str:
     return stage
 
 
-def _set_dotted(tree, key: str, value) -> None:
-    node = tree
-    parts = key.split(".")
-    for p in parts[:-1]:
-        if p not in node or not hasattr(node[p], "keys"):
-            node[p] = {}
-        node = node[p]
-    node[parts[-1]] = value
-
-
 @task(name="apply-params")
 def apply_params(overrides: list[str], root: str) -> str:
     """Write ``KEY=VALUE`` overrides into params.yaml (comments kept); return the backup path."""
-    import yaml
-    from ruamel.yaml import YAML
-
-    from pipelines.config import load_params
-
     path = Path(root) / "params.yaml"
     backup = path.with_name(".params.yaml.flow-backup")
     shutil.copyfile(path, backup)
@@ -109,7 +103,7 @@ def apply_params(overrides: list[str], root: str) -> str:
     tree = ry.load(path.read_text())
     for item in overrides:
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        set_dotted(tree, key.strip(), yaml.safe_load(raw))
     with open(path, "w") as fh:
         ry.dump(tree, fh)
     return str(backup)
@@ -126,11 +120,11 @@ def save_experiment(name: str | None, root: str) -> None:
 def publish_metrics(root: str) -> dict:
     """Table artifact of the metrics (percent) with a link to the MLflow run."""
     root_p = Path(root)
-    metrics = json.loads((root_p / "artifacts" / "metrics.json").read_text())
+    metrics = json.loads((root_p / METRICS_FILE).read_text())
     rows = []
     for cat, vals in [*metrics["categories"].items(), ("mean", metrics["mean"])]:
         rows.append({"category": cat, **{k: round(100 * float(vals[k]), 2) for k in METRIC_COLUMNS if k in vals}})
-    run_file = root_p / "artifacts" / "eval_run.json"
+    run_file = root_p / EVAL_RUN_FILE
     run_id = json.loads(run_file.read_text()).get("run_id", "") if run_file.is_file() else ""
     ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
     link = f"{ui}/#/runs/{run_id}" if run_id else "(tracking disabled)"
@@ -170,7 +164,7 @@ def serve(cron: str = "0 2 * * *", name: str = "nightly") -> None:
 @task(name="sweep-worker")
 def sweep_worker(n_trials: int, worker: int, parent_run_id: str, overrides: list[str], root: str) -> int:
     """One Optuna worker process on the shared study (its trials, its share of the CPUs)."""
-    env = dict(os.environ, INPFORMER_SWEEP_PARENT_RUN=parent_run_id, INPFORMER_SWEEP_WORKER=str(worker))
+    env = dict(os.environ, **{PARENT_ENV: parent_run_id, WORKER_ENV: str(worker)})
     cmd = [sys.executable, "-m", "pipelines.cli", "sweep", "--no-progress", "--n-trials", str(n_trials)]
     for o in overrides:
         cmd += ["--set", o]
@@ -180,10 +174,6 @@ def sweep_worker(n_trials: int, worker: int, parent_run_id: str, overrides: list
 @flow(name="inpformer-sweep", log_prints=True)
 def sweep_flow(n_trials: int = 8, workers: int = 2, overrides: list[str] | None = None, root: str = ".") -> dict:
     """N parallel workers on one Optuna study (shared storage), then the best params and plots."""
-    from pipelines.config import load_params
-    from pipelines.sweep import SWEEP_DIR, _results, _split_cached, open_study
-    from pipelines.tracking import tracked_run
-
     root = str(Path(root).resolve())
     overrides = list(overrides or [])
     cwd = os.getcwd()
@@ -193,16 +183,16 @@ def sweep_flow(n_trials: int = 8, workers: int = 2, overrides: list[str] | None 
         SWEEP_DIR.mkdir(parents=True, exist_ok=True)
         (SWEEP_DIR / "validation.json").unlink(missing_ok=True)
         open_study(p)
-        _split_cached(p)
+        cached_validation_split(p)
         with tracked_run(
             p, "sweep", f"sweep-{p.sweep.study}", {"study": p.sweep.study, "orchestrator": "prefect"}
         ) as ml:
             active = getattr(ml, "active_run", lambda: None)()
             parent = active.info.run_id if active is not None else ""
-            shares = [n_trials // workers + (1 if i < n_trials % workers else 0) for i in range(workers)]
+            shares = worker_shares(n_trials, workers)
             futures = [sweep_worker.submit(s, i, parent, overrides, root) for i, s in enumerate(shares) if s]
             codes = [f.result() for f in futures]
-            summary = _results(p, "params.yaml", overrides)
+            summary = write_results(p, "params.yaml", overrides)
         summary["worker_exit_codes"] = codes
         return summary
     finally:

@@ -7,8 +7,18 @@ import math
 from pathlib import Path
 
 import mlflow.pyfunc
+import numpy as np
+import torch
+from PIL import Image
+
+from components.checkpoint import load_model
+from components.data.transforms import ImageTransform
+from components.inference import ScoringConfig, score_batch
+from pipelines.tracking import MODEL_PACKAGE_FILE
 
 __all__ = ["InpFormerPyfunc"]
+
+PREDICT_BATCH = 16  # images per forward pass inside predict()
 
 
 class InpFormerPyfunc(mlflow.pyfunc.PythonModel):
@@ -20,39 +30,29 @@ class InpFormerPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context):
-        """Load the model folder and the inference settings."""
-        from components.checkpoint import load_model
-
-        self.model, _ = load_model(context.artifacts["model"])
-        self.settings = json.loads(Path(context.artifacts["inference"]).read_text())
+        """Load the model folder and its scoring settings (``scoring.json`` inside it)."""
+        folder = Path(context.artifacts["model"])
+        self.model, _ = load_model(folder)
+        self.settings = json.loads((folder / MODEL_PACKAGE_FILE).read_text())
+        self.scoring = ScoringConfig.from_dict(self.settings["scoring"])
+        self.transform = ImageTransform(resize=self.settings["image_size"], crop=self.settings["crop_size"])
 
     def predict(self, context, model_input, params=None):
         """Score a batch."""
-        import numpy as np
-        import torch
-        from PIL import Image
-
-        from components.data.transforms import ImageTransform
-        from components.engine import score_batch
-
-        s = self.settings
         arr = np.asarray(model_input)
-        tf = ImageTransform(resize=s["image_size"], crop=s["crop_size"])
         if arr.dtype == np.uint8:
             if arr.ndim == 3:
                 arr = arr[None]
-            batch = torch.stack([tf(Image.fromarray(a).convert("RGB")) for a in arr])
+            batch = torch.stack([self.transform(Image.fromarray(a).convert("RGB")) for a in arr])
         else:
             batch = torch.as_tensor(arr, dtype=torch.float32)
         out_maps, out_scores = [], []
-        with torch.no_grad():
-            for chunk in torch.split(batch, 16):
-                amap, score = score_batch(self.model, chunk, s["map"], s["resize"], s["blur_kernel"], s["blur_sigma"],
-                                          s["top_ratio"], s["fused_l2_norm"])  # fmt: skip
-                out_scores.append(score)
-                out_maps.append(amap[:, 0])
+        for chunk in torch.split(batch, PREDICT_BATCH):
+            amap, score = score_batch(self.model, chunk, self.scoring)
+            out_scores.append(score)
+            out_maps.append(amap[:, 0])
         scores = torch.cat(out_scores).numpy()
-        thr = float(s.get("image_threshold", math.nan))
+        thr = float(self.settings.get("image_threshold", math.nan))
         return {
             "anomaly_maps": torch.cat(out_maps).numpy(),
             "image_scores": scores,

@@ -2,7 +2,11 @@
 
 Tracking URI ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts`` (MLflow 3
 refuses the plain file store); telemetry off. Alias ``candidate`` goes to every new version;
-``champion`` moves only when mAD beats the current champion's on the same dataset and setting.
+``champion`` moves only to a finite mAD that beats the current champion's on the same dataset,
+setting and group (:func:`should_promote`).
+
+mlflow is imported inside the functions that talk to it: it is heavy (~2 s) and tracking can be
+switched off (``tracking.enabled: false``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,20 @@ from pipelines.config import Params, flatten
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["git_commit", "hermetic_env", "log_and_register_model", "tracked_run"]
+__all__ = [
+    "MODEL_PACKAGE_FILE",
+    "MlflowTrialCallback",
+    "git_commit",
+    "hermetic_env",
+    "log_and_register_model",
+    "safe_metric_name",
+    "should_promote",
+    "tracked_run",
+]
+
+MODEL_PACKAGE_FILE = "scoring.json"  # written into the registered model folder, read by the pyfunc
+MAX_PARAM_LENGTH = 500  # MLflow's limit on a param value
+PARAMS_PER_CALL = 100  # MLflow's limit on params per log_params call
 
 
 def hermetic_env(root: str | os.PathLike = ".") -> None:
@@ -53,8 +71,13 @@ def git_commit(root: str | os.PathLike = ".") -> str:
         return "unknown"
 
 
+def safe_metric_name(name: str) -> str:
+    """A category name as an MLflow metric-key prefix (other characters become ``_``)."""
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in name)
+
+
 def _mlflow(p: Params):
-    import mlflow
+    import mlflow  # heavy; see the module docstring
 
     uri = p.tracking.uri
     if uri.startswith("sqlite:///"):
@@ -97,8 +120,6 @@ def tracked_run(
         "dataset": p.data.name,
         **{k: str(v) for k, v in (tags or {}).items()},
     }
-    import tempfile
-
     log_dir = Path(tempfile.mkdtemp(prefix="inpformer-log-"))
     handler = logging.FileHandler(log_dir / f"{stage}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -106,10 +127,10 @@ def tracked_run(
     root_logger.addHandler(handler)
     try:
         with mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags) as run:
-            params = {k: str(v)[:500] for k, v in flatten(p).items()}
+            params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(p).items()}
             items = list(params.items())
-            for i in range(0, len(items), 100):
-                mlflow.log_params(dict(items[i : i + 100]))
+            for i in range(0, len(items), PARAMS_PER_CALL):
+                mlflow.log_params(dict(items[i : i + PARAMS_PER_CALL]))
             mlflow.log_dict(p.model_dump(mode="json"), "params/resolved.json")
             try:
                 yield mlflow
@@ -123,62 +144,110 @@ def tracked_run(
         shutil.rmtree(log_dir, ignore_errors=True)
 
 
-def _champion_mad(client: Any, name: str, dataset: str, setting: str, group: str) -> float | None:
+def _champion(client: Any, name: str) -> Any | None:
     try:
-        mv = client.get_model_version_by_alias(name, "champion")
-    except Exception:
+        return client.get_model_version_by_alias(name, "champion")
+    except Exception:  # MLflow raises a generic exception when the alias does not exist
         return None
-    tags = mv.tags or {}
-    if tags.get("dataset") != dataset or tags.get("setting") != setting or tags.get("group", "all") != group:
-        return None  # champion is for another dataset/setting: compare like with like only
+
+
+def should_promote(champion_tags: dict[str, str] | None, scope: dict[str, str], mad: float) -> bool:
+    """Whether a new version with ``mad`` in ``scope`` (dataset, setting, group) becomes champion.
+
+    Never with a NaN or infinite mAD; always when there is no champion; otherwise only when the
+    champion is of the same scope and ``mad`` is strictly better. A champion of another scope is
+    kept (like is compared with like only).
+    """
+    if not math.isfinite(mad):
+        return False
+    if champion_tags is None:
+        return True
+    if any(champion_tags.get(k, "all" if k == "group" else "") != v for k, v in scope.items()):
+        return False
     try:
-        return float(tags.get("mad", "nan"))
+        current = float(champion_tags.get("mad", "nan"))
     except ValueError:
-        return None
+        return True
+    return not math.isfinite(current) or mad > current
+
+
+def _stage_package(model_dir: Path, package: dict[str, Any]) -> Path:
+    """A copy of the model folder with :data:`MODEL_PACKAGE_FILE` added (what gets registered)."""
+    staged = Path(tempfile.mkdtemp(prefix="inpformer-model-")) / model_dir.name
+    shutil.copytree(model_dir, staged)
+    (staged / MODEL_PACKAGE_FILE).write_text(json.dumps(package, indent=2, sort_keys=True))
+    return staged
 
 
 def log_and_register_model(
-    mlflow: Any, p: Params, model_dir: Path, inference: dict[str, Any], mad: float, group: str
+    mlflow: Any, p: Params, model_dir: Path, package: dict[str, Any], mad: float, group: str
 ) -> dict[str, Any]:
-    """Log the pyfunc model, register a version with alias ``candidate``; promote to ``champion``
-    when its mAD beats the champion's on the same dataset and setting. Returns what happened."""
+    """Log the pyfunc model (weights + ``package``), register a version with alias ``candidate``,
+    and move ``champion`` to it when :func:`should_promote` says so. Returns what happened."""
     if not p.tracking.enabled or not p.tracking.log_model:
         return {}
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # heavy; see the module docstring
 
-    info_path = model_dir.parent / f".{model_dir.name}.inference.json"
-    info_path.write_text(json.dumps(inference, indent=2))
+    staged = _stage_package(model_dir, package)
     try:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
-            artifacts={"model": str(model_dir), "inference": str(info_path)},
+            artifacts={"model": str(staged)},
             pip_requirements=["torch", "timm", "safetensors", "numpy", "pillow"],
             code_paths=[str(Path(__file__).resolve().parents[1] / d) for d in ("components", "pipelines")],
         )
     finally:
-        info_path.unlink(missing_ok=True)
+        shutil.rmtree(staged.parent, ignore_errors=True)
     name = p.tracking.registered_model
     client = MlflowClient()
-    mv = mlflow.register_model(info.model_uri, name)
-    version = mv.version
-    tags = {"dataset": p.data.name, "setting": p.setting.kind, "group": group, "mad": f"{mad:.6f}"}
-    for k, v in tags.items():
+    version = mlflow.register_model(info.model_uri, name).version
+    scope = {"dataset": p.data.name, "setting": p.setting.kind, "group": group}
+    for k, v in {**scope, "mad": f"{mad:.6f}"}.items():
         client.set_model_version_tag(name, version, k, v)
     client.set_registered_model_alias(name, "candidate", version)
-    current = _champion_mad(client, name, p.data.name, p.setting.kind, group)
-    try:
-        client.get_model_version_by_alias(name, "champion")
-        has_champion = True
-    except Exception:
-        has_champion = False
-    # first version: champion; later: only a better mAD on the same dataset and setting
-    promoted = not has_champion or (current is not None and math.isfinite(mad) and mad > current)
+    champion = _champion(client, name)
+    champion_tags = dict(champion.tags or {}) if champion is not None else None
+    promoted = should_promote(champion_tags, scope, mad)
     if promoted:
         client.set_registered_model_alias(name, "champion", version)
-    return {
-        "model_uri": info.model_uri,
-        "version": version,
-        "champion": promoted,
-        "previous_champion_mad": current,
-    }
+    previous = float(champion_tags.get("mad", "nan")) if champion_tags else None
+    return {"model_uri": info.model_uri, "version": version, "champion": promoted, "previous_champion_mad": previous}
+
+
+class MlflowTrialCallback:
+    """One nested MLflow run per finished trial under ``parent_run_id`` (works across processes)."""
+
+    def __init__(self, p: Params, parent_run_id: str) -> None:
+        self.p = p
+        self.parent = parent_run_id
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        """Log ``trial`` (an Optuna ``FrozenTrial`` of ``study``) as a child run."""
+        if not self.p.tracking.enabled or not self.parent:
+            return
+        import mlflow  # heavy; see the module docstring
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param
+
+        mlflow.set_tracking_uri(self.p.tracking.uri)
+        client = MlflowClient()
+        exp = client.get_run(self.parent).info.experiment_id
+        tags = {
+            "mlflow.parentRunId": self.parent,
+            "optuna.study": study.study_name,
+            "optuna.trial": str(trial.number),
+            "state": trial.state.name,
+            "stage": "sweep-trial",
+        }
+        run = client.create_run(exp, run_name=f"trial-{trial.number}", tags=tags)
+        when = trial.datetime_complete or trial.datetime_start
+        now = int(1000 * when.timestamp()) if when else 0
+        metrics = [Metric("intermediate", float(v), now, int(s)) for s, v in sorted(trial.intermediate_values.items())]
+        if trial.value is not None:
+            metrics.append(Metric(self.p.sweep.metric, float(trial.value), now, 0))
+        for cat, v in (trial.user_attrs.get("per_category") or {}).items():
+            if math.isfinite(v):
+                metrics.append(Metric(f"{safe_metric_name(cat)}/{self.p.sweep.metric}", float(v), now, 0))
+        client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in trial.params.items()])
+        client.set_terminated(run.info.run_id, "FINISHED" if trial.state.name == "COMPLETE" else "KILLED")

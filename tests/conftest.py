@@ -27,7 +27,6 @@ def tiny_model(**kw):
         encoder_name="dinov2reg_vit_small_14",
         image_size=56,
         num_prototypes=3,
-        pretrained=False,
         encoder_overrides=TINY,
         seg_head="onenip",
         seg_head_channels=8,

@@ -13,15 +13,15 @@ from components.data.readers import mvtec_records
 from components.data.synthesis import PseudoAnomalySynthesizer, TextureBank
 from components.data.synthetic import generate_synthetic
 from components.data.transforms import ImageTransform
-from components.engine import TrainConfig, seed_everything, train
-from components.feature_cache import CachedFeatureDataset, FeatureCache
+from components.feature_cache import CachedFeatureDataset, FeatureCache, cached_dataset
 from components.losses import DiceLoss, NormalPatternLoss
+from components.training import TrainConfig, seed_everything, train
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    root = generate_synthetic(tmp_path_factory.mktemp("d") / "s", size=64, n_train=8, n_test_good=1,
-                              n_test_per_defect=1, categories=["brick"])  # fmt: skip
+    out = tmp_path_factory.mktemp("d") / "s"
+    root = generate_synthetic(out, size=64, n_train=8, n_test_good=1, n_test_per_defect=1, categories=["brick"])
     recs = [r for r in mvtec_records(root) if r.split == "train"]
     tf = ImageTransform(64, 56)
     bank_dir = tmp_path_factory.mktemp("bank")
@@ -99,3 +99,23 @@ def test_on_the_fly_synthesis_falls_back_for_anomalies(small_data, tmp_path) -> 
     assert "features" in item and "anomaly_image" in item and "anomaly_features" not in item
     ds.set_epoch(1)
     assert not torch.equal(ds[0]["anomaly_image"], item["anomaly_image"])  # changes every epoch
+
+
+def test_cached_dataset_wraps_images_and_bank(small_data, tmp_path) -> None:
+    recs, tf, bank = small_data
+    torch.manual_seed(0)
+    model = tiny_model(image_size=56)
+    ds = cached_dataset(model, ImageDataset(recs, tf, bank=bank), tmp_path, "cpu")
+    assert isinstance(ds, CachedFeatureDataset) and len(ds) == len(recs) and ds.copies == 2
+    ds.set_epoch(1)
+    item = ds[3]
+    with torch.no_grad():
+        fused, groups, _ = model.encode(tf(Image.open(recs[3].path).convert("RGB"))[None])
+        want = torch.stack([fused, *groups], dim=1)[0]
+        aug = _load_bank(tf)(bank[3][1][0])[None]  # epoch 1 → copy 1 of the bank
+        fused_a, groups_a, _ = model.encode(aug)
+        want_a = torch.stack([fused_a, *groups_a], dim=1)[0]
+    assert torch.allclose(item["features"], want, atol=2e-3 * float(want.abs().max()))  # fp16 storage
+    assert torch.allclose(item["anomaly_features"], want_a, atol=2e-3 * float(want_a.abs().max()))
+    mask = np.asarray(Image.open(bank[3][1][1]), dtype=np.float32) / 255
+    assert torch.equal(item["anomaly_mask"][0], torch.from_numpy(mask))

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from conftest import TINY, tiny_model
-from reference_inpformer import ref_encoder_taps, ref_global_cosine_hm_adaptive, ref_inpformer, ref_pos_embed
+from reference_inpformer import ref_encoder_taps, ref_global_cosine_hm_adaptive, ref_inpformer
 
 from components.losses import NormalPatternLoss
-from components.model import EncoderWeightsError, FrozenDinoEncoder, InpFormer
+from components.model import (
+    EncoderWeightsError,
+    FrozenDinoEncoder,
+    InpFormer,
+    InpFormerConfig,
+    convert_meta_dinov2_state_dict,
+    load_pretrained,
+)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -27,7 +35,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 )
 def test_token_grid_and_shapes(name: str, taps: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    model = InpFormer(name, image_size=392, num_prototypes=6, pretrained=False, encoder_overrides=TINY, seg_head=None)
+    model = InpFormer(name, image_size=392, num_prototypes=6, encoder_overrides=TINY, seg_head=None)
     assert model.encoder.taps == taps
     x = torch.randn(2, 3, 392, 392)
     tokens, grid = model.encoder.prepare_tokens(x)
@@ -70,7 +78,7 @@ def test_segmentation_loss_reaches_only_the_head(tiny: InpFormer) -> None:
 
 
 def test_vit_b_parameter_counts() -> None:
-    model = InpFormer("dinov2reg_vit_base_14", image_size=392, pretrained=False, seg_head="onenip")
+    model = InpFormer("dinov2reg_vit_base_14", image_size=392, seg_head="onenip")
     trunk = sum(p.numel() for p in model.trunk_parameters())
     head = sum(p.numel() for p in model.head_parameters())
     assert abs(trunk - 68.52e6) < 0.005e6  # spec §17: ≈ 68.52 M
@@ -103,7 +111,7 @@ def test_bad_configuration_fails_at_construction(kwargs: dict, needle: str) -> N
 
 
 def test_pos_embed_official_interpolation() -> None:
-    enc = FrozenDinoEncoder("small", pretrained=False, overrides=TINY)
+    enc = FrozenDinoEncoder("small", overrides=TINY)
     table = enc.vit.pos_embed.detach()
     assert torch.equal(enc.patch_pos_embed((37, 37)), enc.vit.pos_embed)  # 518 px: unchanged
     got = enc.patch_pos_embed((28, 28))
@@ -114,7 +122,7 @@ def test_pos_embed_official_interpolation() -> None:
     assert torch.allclose(got, want.permute(0, 2, 3, 1).reshape(1, -1, c))
     by_size = torch.nn.functional.interpolate(grid, size=(28, 28), mode="bicubic", antialias=False)
     assert not torch.allclose(got, by_size.permute(0, 2, 3, 1).reshape(1, -1, c))  # the 0.1 offset matters
-    timm_style = FrozenDinoEncoder("small", pretrained=False, overrides=TINY, pos_embed_interp="timm")
+    timm_style = FrozenDinoEncoder("small", overrides=TINY, pos_embed_interp="timm")
     timm_style.load_state_dict(enc.state_dict())
     assert not torch.allclose(timm_style.patch_pos_embed((28, 28)), got)
 
@@ -189,9 +197,50 @@ def test_parity_with_reference_official_computation(size: int) -> None:
     assert rel_err(model.prototype_token.grad, ref["prototype_token.0"].grad) <= 1e-3
 
 
-def test_pos_embed_reference_agrees_for_identity() -> None:
-    pos = torch.randn(1, 1 + 37 * 37, 8)
-    assert torch.equal(ref_pos_embed(pos, 37), pos)
+def test_chunked_meta_checkpoint_is_converted() -> None:
+    """Meta's chunked checkpoints name blocks blocks.<chunk>.<i>.; cls gets its position row added."""
+    c = 4
+    pos = torch.arange(1 + 9, dtype=torch.float32).repeat_interleave(c).reshape(1, 10, c)
+    state = {
+        "cls_token": torch.ones(1, 1, c),
+        "pos_embed": pos,
+        "register_tokens": torch.full((1, 4, c), 2.0),
+        "mask_token": torch.zeros(1, c),
+        "blocks.1.7.attn.qkv.weight": torch.eye(c),
+        "blocks.3.norm1.bias": torch.zeros(c),
+    }
+    out = convert_meta_dinov2_state_dict(state)
+    assert set(out) == {"cls_token", "pos_embed", "reg_token", "blocks.7.attn.qkv.weight", "blocks.3.norm1.bias"}
+    assert torch.equal(out["cls_token"], torch.ones(1, 1, c))  # 1 + pos row 0 (= 0)
+    assert torch.equal(out["pos_embed"], pos[:, 1:]) and out["pos_embed"].shape == (1, 9, c)
+    assert torch.equal(out["reg_token"], state["register_tokens"])
+    shifted = convert_meta_dinov2_state_dict({**state, "pos_embed": pos + 1})
+    assert torch.equal(shifted["cls_token"], torch.full((1, 1, c), 2.0))
+
+
+def test_config_roundtrip_builds_the_same_network(tiny: InpFormer) -> None:
+    cfg = tiny.config
+    again = InpFormerConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    rebuilt = InpFormer.from_config(again)
+    assert rebuilt.state_dict().keys() == tiny.state_dict().keys()
+    assert all(a.shape == b.shape for a, b in zip(rebuilt.state_dict().values(), tiny.state_dict().values()))
+    legacy = {**cfg.to_dict(), "pretrained": "auto", "weights": None, "download": True}  # older model folders
+    assert InpFormerConfig.from_dict(legacy) == cfg
+    with pytest.raises(ValueError, match="num_protoypes"):
+        InpFormerConfig.from_dict({**cfg.to_dict(), "num_protoypes": 3})
+
+
+def test_building_a_model_opens_no_socket(monkeypatch) -> None:
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a socket was opened while building a model")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    model = tiny_model()
+    assert model.pretrained_loaded is False and model.encoder.weights_source == "random-init"
 
 
 def test_load_official_state_dict_rejects_wrong_keys(tiny: InpFormer) -> None:
@@ -205,23 +254,28 @@ def test_encoder_weight_files_meta_and_timm(tmp_path) -> None:
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    ref = FrozenDinoEncoder("small", pretrained=False, overrides=TINY)
+    ref = FrozenDinoEncoder("small", overrides=TINY)
     x = torch.randn(1, 3, 56, 56)
     want, _ = ref(x)
     # timm format (safetensors)
     save_file({k: v.contiguous() for k, v in ref.vit.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    enc = FrozenDinoEncoder("small", pretrained=True, weights=tmp_path / "w.safetensors", overrides=TINY)
-    assert enc.pretrained_loaded
+    enc = FrozenDinoEncoder("small", overrides=TINY)
+    assert load_pretrained(enc, True, weights=tmp_path / "w.safetensors") and enc.pretrained_loaded
     got, _ = enc(x)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     # Meta format (.pth, loaded with weights_only=True): cls without its position, pos with cls row
     sd = {k: v.clone() for k, v in ref.vit.state_dict().items()}
     pos0 = torch.zeros(1, 1, sd["cls_token"].shape[-1])
     meta = {k: v for k, v in sd.items() if k not in ("cls_token", "pos_embed", "reg_token")}
-    meta.update(cls_token=sd["cls_token"], pos_embed=torch.cat([pos0, sd["pos_embed"]], 1),
-                register_tokens=sd["reg_token"], mask_token=torch.zeros(1, sd["cls_token"].shape[-1]))  # fmt: skip
+    meta.update(
+        cls_token=sd["cls_token"],
+        pos_embed=torch.cat([pos0, sd["pos_embed"]], 1),
+        register_tokens=sd["reg_token"],
+        mask_token=torch.zeros(1, sd["cls_token"].shape[-1]),
+    )
     torch.save(meta, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
-    enc2 = FrozenDinoEncoder("small", pretrained=True, weights_dir=tmp_path, overrides=TINY)
+    enc2 = FrozenDinoEncoder("small", overrides=TINY)
+    assert load_pretrained(enc2, True, weights_dir=tmp_path)
     assert enc2.pretrained_loaded and enc2.weights_source.endswith(".pth")
     got2, _ = enc2(x)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got2, want))
@@ -230,21 +284,22 @@ def test_encoder_weight_files_meta_and_timm(tmp_path) -> None:
 def test_offline_pretrained_true_fails_clearly(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EncoderWeightsError) as err:
-        FrozenDinoEncoder("base", pretrained=True, weights_dir=tmp_path, overrides=TINY)
+        load_pretrained(FrozenDinoEncoder("base", overrides=TINY), True, weights_dir=tmp_path)
     msg = str(err.value)
-    assert "dinov2_vitb14_reg4_pretrain.pth" in msg and "model.encoder.weights" in msg and "HF_HUB_OFFLINE" in msg
+    assert "dinov2_vitb14_reg4_pretrain.pth" in msg and "weights=<file>" in msg and "HF_HUB_OFFLINE" in msg
 
 
 def test_offline_auto_warns_and_records(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    enc = FrozenDinoEncoder("small", overrides=TINY)
     with pytest.warns(UserWarning, match="RANDOM-INIT ENCODER"):
-        enc = FrozenDinoEncoder("small", pretrained="auto", weights_dir=tmp_path, overrides=TINY)
+        assert load_pretrained(enc, "auto", weights_dir=tmp_path) is False
     assert enc.pretrained_loaded is False and enc.weights_source == "random-init"
 
 
 def test_missing_weight_file_is_named(tmp_path) -> None:
     with pytest.raises(EncoderWeightsError, match="nope.pth"):
-        FrozenDinoEncoder("small", pretrained=True, weights=tmp_path / "nope.pth", overrides=TINY)
+        load_pretrained(FrozenDinoEncoder("small", overrides=TINY), True, weights=tmp_path / "nope.pth")
 
 
 def test_encoder_stays_frozen_in_train_mode(tiny: InpFormer) -> None:

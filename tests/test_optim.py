@@ -78,8 +78,12 @@ def test_lr_scale_per_group() -> None:
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = StableAdamW([{"params": [a]}, {"params": [b], "lr_scale": 0.5}])
     sched = WarmCosineSchedule(opt, 1e-3, 1e-4, 10, 0)
-    assert opt.param_groups[1]["lr"] == pytest.approx(0.5 * opt.param_groups[0]["lr"])
-    assert sched.iteration == 0
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3) and opt.param_groups[1]["lr"] == pytest.approx(5e-4)
+    for _ in range(4):
+        sched.step()
+    want = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * 4 / 10))  # closed-form cosine at j = 4 of 10
+    assert opt.param_groups[0]["lr"] == pytest.approx(want)
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.5 * want)
 
 
 def test_global_gradient_clipping() -> None:

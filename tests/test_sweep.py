@@ -1,4 +1,4 @@
-"""Optuna sweeps: pruning stops a trial early, two workers share one study exactly, best params validate."""
+"""Optuna sweeps: pruning stops a trial early, two workers share one study exactly, best params validate (slow)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,25 @@ import yaml
 
 from pipelines.config import load_params
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "data.image_size=64", "data.crop_size=56", "data.synthetic.size=64", "data.synthetic.n_train=10",
-    "data.synthetic.n_test_good=2", "data.synthetic.n_test_per_defect=1", "data.synthetic.categories=[brick]",
-    "synthesis.bank_copies=1", "model.encoder_overrides={embed_dim: 32, num_heads: 2}", "model.seg_head_channels=8",
-    "train.batch_size=4", "train.warmup_iters=2", "eval.resize=64", "tracking.enabled=false",
-]  # fmt: skip
+    "data.image_size=64",
+    "data.crop_size=56",
+    "data.synthetic.size=64",
+    "data.synthetic.n_train=10",
+    "data.synthetic.n_test_good=2",
+    "data.synthetic.n_test_per_defect=1",
+    "data.synthetic.categories=[brick]",
+    "synthesis.bank_copies=1",
+    "model.encoder_overrides={embed_dim: 32, num_heads: 2}",
+    "model.seg_head_channels=8",
+    "train.batch_size=4",
+    "train.warmup_iters=2",
+    "eval.resize=64",
+    "tracking.enabled=false",
+]
 
 
 @pytest.fixture
@@ -69,13 +81,12 @@ def test_two_workers_share_one_study_exactly(project) -> None:
 
 
 def test_validation_split_is_not_the_test_set(project) -> None:
-    from pipelines.sweep import _split_cached
+    from pipelines.records import load_records
+    from pipelines.sweep_objective import cached_validation_split
 
     p = load_params("params.yaml", TINY)
-    train_recs, val = _split_cached(p)
-    test_paths = {
-        r.path for r in __import__("pipelines.stages", fromlist=["_records"])._records(p) if r.split == "test"
-    }
+    train_recs, val = cached_validation_split(p)
+    test_paths = {r.path for r in load_records(p) if r.split == "test"}
     assert not ({r.path for r in val} & test_paths)
     assert not ({r.path for r in val if r.label == 0} & {r.path for r in train_recs})
     assert {r.label for r in val} == {0, 1}

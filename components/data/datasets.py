@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from components.checkpoint import atomic_write_text
+from components.data import batch as keys
 from components.data.io import read_mask, read_rgb
 from components.data.synthesis import PseudoAnomalySynthesizer
 from components.data.transforms import ImageTransform
@@ -42,8 +44,6 @@ class Record:
 
 def write_manifest(path: str | os.PathLike, records: Sequence[Record]) -> None:
     """Write records as CSV atomically (temporary file, then rename)."""
-    from components.checkpoint import atomic_write_text
-
     lines: list[str] = []
 
     class _Sink:
@@ -130,35 +130,33 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _unit(self, path: str) -> torch.Tensor:
+    def unit(self, path: str) -> torch.Tensor:
+        """The [0, 1] resized crop 3×C×C of ``path`` (cached when a cache is set)."""
         if self.cache is not None:
             return self.cache.get(path, self.transform, lambda: self.transform.to_unit(read_rgb(path)))
         return self.transform.to_unit(read_rgb(path))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
-        unit = self._unit(rec.path)
+        unit = self.unit(rec.path)
         item: dict[str, Any] = {
-            "image": self.transform.normalize(unit),
-            "label": rec.label,
-            "path": rec.path,
-            "category": rec.category,
+            keys.IMAGE: self.transform.normalize(unit),
+            keys.LABEL: rec.label,
+            keys.PATH: rec.path,
+            keys.CATEGORY: rec.category,
+            keys.MASK: self.transform.mask(read_mask(rec.mask_path) if rec.mask_path else None),  # sizes checked at prepare
         }
-        if rec.mask_path:
-            item["mask"] = self.transform.mask(read_mask(rec.mask_path))  # sizes checked at prepare
-        else:
-            item["mask"] = self.transform.mask(None)
         if self.bank is not None:
             entries = self.bank[index]
             img_path, mask_path = entries[self.epoch % len(entries)]
             aug = torch.from_numpy(np.asarray(read_rgb(img_path), dtype=np.float32) / 255.0).permute(2, 0, 1)
             mask = torch.from_numpy(np.asarray(read_mask(mask_path), dtype=np.float32) / 255.0)[None]
-            item["anomaly_image"] = self.transform.normalize(aug)
-            item["anomaly_mask"] = mask
+            item[keys.ANOMALY_IMAGE] = self.transform.normalize(aug)
+            item[keys.ANOMALY_MASK] = mask
         elif self.synthesizer is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             arr = unit.permute(1, 2, 0).numpy()
             aug, mask, _ = self.synthesizer(arr, rng)
-            item["anomaly_image"] = self.transform.normalize(torch.from_numpy(aug).permute(2, 0, 1))
-            item["anomaly_mask"] = torch.from_numpy(mask)[None]
+            item[keys.ANOMALY_IMAGE] = self.transform.normalize(torch.from_numpy(aug).permute(2, 0, 1))
+            item[keys.ANOMALY_MASK] = torch.from_numpy(mask)[None]
         return item

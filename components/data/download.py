@@ -24,6 +24,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
+from tqdm.auto import tqdm
+
+from components.data.readers import convert_visa
+
 __all__ = ["DATASET_SOURCES", "DownloadError", "download", "fetch_dataset", "safe_extract", "sha256_file"]
 
 
@@ -78,8 +82,6 @@ def download(
         DownloadError: network failure (the partial file is kept for resuming) or digest mismatch
             (the partial file is deleted: it can never be used).
     """
-    from tqdm.auto import tqdm
-
     dest = Path(dest)
     if dest.is_file() and (sha256 is None or sha256_file(dest) == sha256):
         return dest
@@ -105,10 +107,12 @@ def download(
             total = resp.headers.get("Content-Length")
             total_n = int(total) + (have if resumed else 0) if total else None
             try:
-                with open(part, mode) as fh, tqdm(
-                    total=total_n, initial=have if resumed else 0, unit="B", unit_scale=True,
-                    desc=dest.name, disable=not progress, leave=False,
-                ) as bar:  # fmt: skip
+                bar_args = {"unit": "B", "unit_scale": True, "desc": dest.name, "leave": False}
+                initial = have if resumed else 0
+                with (
+                    open(part, mode) as fh,
+                    tqdm(total=total_n, initial=initial, disable=not progress, **bar_args) as bar,
+                ):
                     while True:
                         block = resp.read(chunk)
                         if not block:
@@ -196,8 +200,9 @@ def _single_child(folder: Path) -> Path:
     return kids[0] if len(kids) == 1 and kids[0].is_dir() else folder
 
 
-def fetch_dataset(kind: str, raw_dir: str | os.PathLike, source: str | os.PathLike | None = None,
-                  timeout_s: float = 5.0) -> Path:  # fmt: skip
+def fetch_dataset(
+    kind: str, raw_dir: str | os.PathLike, source: str | os.PathLike | None = None, timeout_s: float = 5.0
+) -> Path:
     """Return a folder holding dataset ``kind`` ready for its reader.
 
     ``source``: a folder (used as is) or an archive (checksum verified when known, then safely
@@ -243,8 +248,6 @@ def fetch_dataset(kind: str, raw_dir: str | os.PathLike, source: str | os.PathLi
 
 
 def _prepare_visa(extracted: Path, raw_dir: Path) -> Path:
-    from components.data.readers import convert_visa
-
     root = extracted / "VisA_20220922" if (extracted / "VisA_20220922").is_dir() else extracted
     out = raw_dir / "mvtec_layout"
     if (out / ".complete").is_file():

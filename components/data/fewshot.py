@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from components.data import batch as keys
 from components.data.datasets import Record
 
 __all__ = ["NUM_AUGMENTATIONS", "FewShotDataset", "augment_22", "select_shots"]
@@ -41,7 +42,7 @@ def select_shots(records: Sequence[Record], k: int, seed: int = 1) -> list[Recor
     for cat, recs in by_cat.items():
         ordered = sorted(recs, key=lambda r: r.path)
         if len(ordered) < k:
-            msg = f"category {cat!r} has {len(ordered)} training images, fewer than few_shot_k={k}."
+            msg = f"category {cat!r} has {len(ordered)} training images, fewer than k={k} shots."
             raise ValueError(msg)
         chosen = rng.sample([r.path for r in ordered], k)
         shots += [next(r for r in ordered if r.path == p) for p in chosen]
@@ -85,7 +86,7 @@ class FewShotDataset(Dataset):
         images, meta = [], []
         for i in range(len(base.records)):
             rec = base.records[i]
-            unit = base._unit(rec.path)
+            unit = base.unit(rec.path)
             aug = augment_22(base.transform.normalize(unit), gen)
             images.append(aug)
             meta += [(rec.path, rec.category)] * aug.shape[0]
@@ -103,13 +104,18 @@ class FewShotDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         img = self.images[index]
-        item: dict[str, Any] = {"image": img, "label": 0, "path": self.meta[index][0], "category": self.meta[index][1],
-                                "mask": torch.zeros(1, *img.shape[-2:])}  # fmt: skip
+        item: dict[str, Any] = {
+            keys.IMAGE: img,
+            keys.LABEL: 0,
+            keys.PATH: self.meta[index][0],
+            keys.CATEGORY: self.meta[index][1],
+            keys.MASK: torch.zeros(1, *img.shape[-2:]),
+        }
         synth = getattr(self.base, "synthesizer", None)
         if synth is not None:
             unit = self.base.transform.denormalize(img).permute(1, 2, 0).numpy()
             rng = np.random.default_rng([self.base.seed, self.epoch, index])
             aug, mask, _ = synth(unit, rng)
-            item["anomaly_image"] = self.base.transform.normalize(torch.from_numpy(aug).permute(2, 0, 1))
-            item["anomaly_mask"] = torch.from_numpy(mask)[None]
+            item[keys.ANOMALY_IMAGE] = self.base.transform.normalize(torch.from_numpy(aug).permute(2, 0, 1))
+            item[keys.ANOMALY_MASK] = torch.from_numpy(mask)[None]
         return item

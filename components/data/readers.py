@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from components.data.datasets import Record
 from components.data.io import ImageReadError, is_image_file, read_mask, read_rgb
 
 __all__ = [
+    "DATASET_KINDS",
     "MVTEC_CATEGORIES",
     "REALIAD_CATEGORIES",
     "VISA_CATEGORIES",
@@ -40,6 +42,9 @@ __all__ = [
     "realiad_records",
     "validate_records",
 ]
+
+# The dataset kinds ``inpformer prepare`` understands (``dtd`` textures are prepared separately).
+DATASET_KINDS = ("synthetic", "folder", "flat", "mvtec", "visa", "realiad", "mpdd", "btad")
 
 MVTEC_CATEGORIES = (
     "carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
@@ -302,8 +307,6 @@ def validate_records(
     Problems go to ``report.problems`` (or, with ``skip_bad``, the record is dropped and counted in
     ``report.skipped_bad``). Non-RGB inputs are counted in ``report.conversions`` by mode.
     """
-    from tqdm.auto import tqdm
-
     kept = []
     records = list(records)
     for rec in tqdm(records, desc="validate", disable=not progress, leave=False):

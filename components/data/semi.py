@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from components.data import batch as keys
 from components.data.datasets import Record
 from components.data.io import read_mask, read_rgb
 
@@ -93,9 +94,9 @@ class SemiSupervisedDataset(Dataset):
         item = self.base[index]
         rng = np.random.default_rng([self.seed, 7, self.epoch, index])
         if rng.random() < self.paste_prob:
-            unit = self.base.transform.denormalize(item["image"]).permute(1, 2, 0).numpy()
+            unit = self.base.transform.denormalize(item[keys.IMAGE]).permute(1, 2, 0).numpy()
             patch, pm = self.cutouts[int(rng.integers(0, len(self.cutouts)))]
             img, mask = paste_anomaly(unit, patch, pm, rng)
-            item["anomaly_image"] = self.base.transform.normalize(torch.from_numpy(img).permute(2, 0, 1).float())
-            item["anomaly_mask"] = torch.from_numpy(mask)[None]
+            item[keys.ANOMALY_IMAGE] = self.base.transform.normalize(torch.from_numpy(img).permute(2, 0, 1).float())
+            item[keys.ANOMALY_MASK] = torch.from_numpy(mask)[None]
         return item

@@ -168,7 +168,7 @@ class TextureBank:
         if folder:
             root = Path(folder)
             if not root.is_dir():
-                msg = f"texture folder {root} does not exist (set synthesis.texture_dir or leave it empty)."
+                msg = f"texture folder {root} does not exist (or pass folder=None for procedural textures)."
                 raise FileNotFoundError(msg)
             self.files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p))
             if not self.files:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import skimage.data
 
 __all__ = ["DEFECT_PAINTERS", "SYNTHETIC_CATEGORIES", "generate_synthetic"]
 
@@ -30,8 +31,6 @@ _TINTS = {"brick": (1.15, 0.85, 0.7), "grass": (0.8, 1.1, 0.75), "gravel": (1.0,
 
 
 def _photo(name: str) -> np.ndarray:
-    import skimage.data
-
     return getattr(skimage.data, name)().astype(np.float32)
 
 

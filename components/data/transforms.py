@@ -38,7 +38,7 @@ class ImageTransform:
 
     def __post_init__(self) -> None:
         if self.crop > self.resize or self.crop < 1:
-            msg = f"data.crop_size ({self.crop}) must be between 1 and data.image_size ({self.resize})."
+            msg = f"crop ({self.crop}) must be between 1 and resize ({self.resize})."
             raise ValueError(msg)
 
     def to_unit(self, img: Image.Image) -> torch.Tensor:

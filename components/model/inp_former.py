@@ -11,7 +11,6 @@ Data flow for ViT-B at 392 px (28×28 = 784 tokens, C = 768, M = 6):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.model.encoder import FrozenDinoEncoder, convert_meta_dinov2_state_dict
+from components.model.config import InpFormerConfig
+from components.model.encoder import PATCH_SIZE, FrozenDinoEncoder
 from components.model.layers import AggregationBlock, Mlp, PrototypeBlock
 from components.model.seg_head import SegmentationHead
+from components.model.weights import convert_meta_dinov2_state_dict
 
 __all__ = ["InpFormer", "InpFormerOutput"]
 
@@ -68,9 +69,6 @@ class InpFormer(nn.Module):
         encoder_name: DINOv2-reg4 encoder (``dinov2reg_vit_{small,base,large}_14`` or timm name).
         image_size: input side (int) or (height, width); a multiple of the patch size 14.
         num_prototypes: M, the number of INPs (spec §4; paper default 6).
-        pretrained: ``True`` | ``False`` | ``"auto"`` for the encoder weights.
-        weights: local encoder weight file (Meta ``.pth`` or timm/HF ``.safetensors``).
-        weights_dir: folder searched for standard weight file names.
         taps: encoder blocks to tap (default per variant, spec §3).
         encoder_groups: groups of tap indices averaged into encoder maps.
         decoder_groups: groups of (reversed) decoder-output indices averaged into decoder maps.
@@ -85,11 +83,13 @@ class InpFormer(nn.Module):
         init_bound: absolute truncation bound of that init (0.03).
         pos_embed_interp: ``official`` or ``timm`` position-table resizing.
         encoder_fused_attn: fused SDPA in the encoder (faster, slightly different rounding).
-        download: allow hub downloads of encoder weights.
-        download_timeout_s: connection probe timeout for downloads.
         encoder_overrides: extra ``timm.create_model`` kwargs (tiny test encoders).
         seg_head: ``None`` (conference INP-Former), ``"onenip"`` or ``"plain"`` (INP-Former++).
         seg_head_channels: hidden width of the head (256).
+
+    The encoder starts with random weights; load DINOv2 with
+    :func:`components.model.weights.load_pretrained` (``model.encoder``). :attr:`config` reports the
+    arguments and :meth:`from_config` rebuilds the same network.
     """
 
     def __init__(
@@ -97,9 +97,6 @@ class InpFormer(nn.Module):
         encoder_name: str = "dinov2reg_vit_base_14",
         image_size: int | Sequence[int] = 392,
         num_prototypes: int = 6,
-        pretrained: bool | str = "auto",
-        weights: str | os.PathLike | None = None,
-        weights_dir: str | os.PathLike = "weights",
         taps: Sequence[int] | None = None,
         encoder_groups: Sequence[Sequence[int]] = ((0, 1, 2, 3), (4, 5, 6, 7)),
         decoder_groups: Sequence[Sequence[int]] = ((0, 1, 2, 3), (4, 5, 6, 7)),
@@ -114,8 +111,6 @@ class InpFormer(nn.Module):
         init_bound: float = 0.03,
         pos_embed_interp: str = "official",
         encoder_fused_attn: bool = False,
-        download: bool = True,
-        download_timeout_s: float = 3.0,
         encoder_overrides: dict | None = None,
         seg_head: str | None = "onenip",
         seg_head_channels: int = 256,
@@ -125,23 +120,40 @@ class InpFormer(nn.Module):
             msg = f"num_prototypes (M) must be an integer >= 1, got {num_prototypes!r}."
             raise ValueError(msg)
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
-        if len(size) != 2 or any(s <= 0 or s % 14 for s in size):
+        if len(size) != 2 or any(s <= 0 or s % PATCH_SIZE for s in size):
             msg = f"image_size must be a positive multiple of the patch size 14, got {image_size!r}."
             raise ValueError(msg)
         if decoder_depth < 1 or extractor_depth < 1:
             msg = f"decoder_depth and extractor_depth must be >= 1, got {decoder_depth}, {extractor_depth}."
             raise ValueError(msg)
+        self._config = InpFormerConfig(
+            encoder_name=encoder_name,
+            image_size=image_size,
+            num_prototypes=num_prototypes,
+            taps=taps,
+            encoder_groups=encoder_groups,
+            decoder_groups=decoder_groups,
+            decoder_depth=decoder_depth,
+            extractor_depth=extractor_depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            norm_eps=norm_eps,
+            bottleneck_dropout=bottleneck_dropout,
+            init_std=init_std,
+            init_bound=init_bound,
+            pos_embed_interp=pos_embed_interp,
+            encoder_fused_attn=encoder_fused_attn,
+            encoder_overrides=encoder_overrides,
+            seg_head=seg_head,
+            seg_head_channels=seg_head_channels,
+        )
         self.image_size = size
         self.encoder = FrozenDinoEncoder(
             encoder_name,
             taps=tuple(taps) if taps is not None else None,
-            pretrained=pretrained,
-            weights=weights,
-            weights_dir=weights_dir,
             pos_embed_interp=pos_embed_interp,
             fused_attn=encoder_fused_attn,
-            download=download,
-            download_timeout_s=download_timeout_s,
             overrides=encoder_overrides,
         )
         dim = self.encoder.embed_dim
@@ -155,7 +167,7 @@ class InpFormer(nn.Module):
             msg = "encoder_groups and decoder_groups must have the same number of groups."
             raise ValueError(msg)
         self.num_prototypes = int(num_prototypes)
-        self.grid = (size[0] // 14, size[1] // 14)
+        self.grid = (size[0] // PATCH_SIZE, size[1] // PATCH_SIZE)
 
         # Names mirror the official state dict (spec §7) so released checkpoints load directly.
         self.bottleneck = nn.ModuleList([Mlp(dim, int(dim * mlp_ratio), bottleneck_dropout)])
@@ -168,6 +180,16 @@ class InpFormer(nn.Module):
         self.prototype_token = nn.Parameter(torch.randn(self.num_prototypes, dim))  # N(0, 1), spec §4
         self._init_trainable(init_std, init_bound)
         self.seg_head = SegmentationHead(dim, seg_head_channels, seg_head) if seg_head else None
+
+    @classmethod
+    def from_config(cls, config: InpFormerConfig) -> InpFormer:
+        """Build the network a :class:`InpFormerConfig` describes (random encoder weights)."""
+        return cls(**{f: getattr(config, f) for f in config.__dataclass_fields__})
+
+    @property
+    def config(self) -> InpFormerConfig:
+        """The constructor arguments of this model."""
+        return self._config
 
     # -- setup -----------------------------------------------------------------------------------
     def _init_trainable(self, std: float, bound: float) -> None:

@@ -1,17 +1,21 @@
-"""Training engine: resumable, deterministic checkpoints without pickle; two-stage head training."""
+"""Training: resumable, deterministic checkpoints without pickle; two-stage head training; bf16; lr scale."""
 
 from __future__ import annotations
 
 import json
+import struct
+import zipfile
 
 import pytest
 import torch
 from conftest import tiny_model
+from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from components.checkpoint import latest_checkpoint, load_model, save_model
-from components.engine import TrainConfig, predict, seed_everything, train
+from components.inference import ScoringConfig, predict
 from components.losses import DiceLoss, NormalPatternLoss
+from components.training import CheckpointSpec, TrainConfig, phase_optimizer, seed_everything, train
 
 
 class _Toy(Dataset):
@@ -59,17 +63,8 @@ def _run(tmp_path, cfg, stop_after=None, resume=True):
             raise KeyboardInterrupt("simulated kill")
 
     try:
-        train(
-            model,
-            _Toy(),
-            cfg,
-            NormalPatternLoss(),
-            DiceLoss(),
-            tmp_path / "ckpt",
-            {"model": {}},
-            resume,
-            on_iteration=on_it,
-        )
+        ckpt = CheckpointSpec(tmp_path / "ckpt", {"model": {}}, resume)
+        train(model, _Toy(), cfg, NormalPatternLoss(), DiceLoss(), ckpt, on_iteration=on_it)
     except KeyboardInterrupt:
         pass
     return model, losses
@@ -96,7 +91,16 @@ def test_checkpoints_are_safetensors_and_json(tmp_path) -> None:
     assert files == ["config.json", "model.safetensors", "train_state.json", "train_state.safetensors"]
     state = json.loads((ck / "train_state.json").read_text())
     assert state["progress"]["epoch"] == 1 and state["progress"]["global_iteration"] == 2
-    assert all(b"pickle" not in p.read_bytes()[:64] for p in ck.iterdir())
+    for f in ck.glob("*.safetensors"):  # safetensors: u64 header length, JSON header, raw tensors
+        raw = f.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + n])
+        assert all("dtype" in v for k, v in header.items() if k != "__metadata__")
+        assert not zipfile.is_zipfile(f) and raw[:1] != b"\x80"  # neither torch.save's zip nor a raw pickle
+        with safe_open(str(f), "pt") as fh:
+            assert len(list(fh.keys())) == len(header) - ("__metadata__" in header)
+    for f in ck.glob("*.json"):
+        json.loads(f.read_text())
 
 
 def test_incomplete_checkpoint_is_not_trusted(tmp_path) -> None:
@@ -117,7 +121,7 @@ def test_two_stage_trains_head_after_trunk(tmp_path) -> None:
             snapshots["trunk"] = model.decoder[0].mlp.fc1.weight.detach().clone()
 
     cfg = _cfg(epochs=1, head_epochs=1, residual_mode="two_stage", checkpoint_every=0)
-    out = train(model, _Toy(), cfg, NormalPatternLoss(), DiceLoss(), None, on_iteration=on_it)
+    out = train(model, _Toy(), cfg, NormalPatternLoss(), DiceLoss(), on_iteration=on_it)
     phases = [h["phase"] for h in out["history"]]
     assert phases == ["main", "head"]
     assert "seg" not in out["history"][0] and "seg" in out["history"][1]
@@ -126,22 +130,66 @@ def test_two_stage_trains_head_after_trunk(tmp_path) -> None:
 
 
 def test_too_few_images_for_a_batch(tmp_path) -> None:
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="no full batch of 4"):
         train(tiny_model(), _Toy(n=3), _cfg(batch_size=4), NormalPatternLoss())
 
 
 def test_save_load_model_roundtrip_and_predict(tmp_path) -> None:
     seed_everything(0)
     model = tiny_model()
-    kwargs = dict(encoder_name="dinov2reg_vit_small_14", image_size=56, num_prototypes=3,
-                  encoder_overrides={"embed_dim": 32, "num_heads": 2}, seg_head="onenip", seg_head_channels=8)  # fmt: skip
-    save_model(tmp_path / "m", model, {"model": kwargs, "encoder_pretrained": False})
-    loaded, cfg = load_model(tmp_path / "m")
+    save_model(tmp_path / "m", model, {"model": model.config.to_dict(), "encoder_pretrained": False})
+    loaded, _cfg_dict = load_model(tmp_path / "m")
     x = _Toy(4)
     for kind in ("reconstruction", "fused", "inp_distance"):
-        a = predict(model, x, kind, batch_size=2, resize=64, progress=False)
-        b = predict(loaded, x, kind, batch_size=2, resize=64, progress=False)
+        scoring = ScoringConfig(map_kind=kind, resize=64)
+        a = predict(model, x, scoring, batch_size=2, progress=False)
+        b = predict(loaded, x, scoring, batch_size=2, progress=False)
         assert a.maps.shape == (4, 64, 64) and a.scores.shape == (4,)
         assert torch.allclose(torch.from_numpy(a.maps), torch.from_numpy(b.maps), atol=1e-6)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path / "missing")
+
+
+def test_residual_learning_needs_a_head() -> None:
+    with pytest.raises(ValueError, match="segmentation head"):
+        train(tiny_model(seg_head=None), _Toy(), _cfg(epochs=1), NormalPatternLoss())
+    out = train(tiny_model(seg_head=None), _Toy(), _cfg(epochs=1, residual_mode="off"), NormalPatternLoss())
+    assert "seg" not in out["history"][0]
+
+
+@pytest.mark.parametrize("scale", [0.25, 3.0])
+def test_head_lr_scale(scale: float) -> None:
+    model = tiny_model()
+    cfg = _cfg(head_lr_scale=scale, lr=1e-3, warmup_iters=0)
+    optimizer, schedule = phase_optimizer(model, cfg, "main", 10)
+    names = [g["name"] for g in optimizer.param_groups]
+    assert names == ["trunk", "head"]
+    trunk, head = optimizer.param_groups
+    assert head["lr"] == pytest.approx(scale * trunk["lr"]) and trunk["lr"] == pytest.approx(1e-3)
+    for _ in range(4):
+        schedule.step()
+    assert head["lr"] == pytest.approx(scale * trunk["lr"]) and trunk["lr"] < 1e-3  # cosine decay keeps the ratio
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.head_parameters()}
+    stage2, _ = phase_optimizer(model, _cfg(head_lr_scale=scale, residual_mode="two_stage"), "head", 10)
+    assert [g["name"] for g in stage2.param_groups] == ["head"]
+    assert not any(p.requires_grad for p in model.trunk_parameters())
+    assert all(p.requires_grad for p in model.head_parameters())
+
+
+def _collect(losses: list[float]):
+    return lambda m: losses.append(m["total"])
+
+
+def test_bf16_autocast_trains_close_to_fp32() -> None:
+    """bf16 autocast (CPU here, CUDA in production): finite, and the first loss within bf16 precision."""
+    results = {}
+    for amp in ("none", "bf16"):
+        seed_everything(1)
+        model = tiny_model()
+        losses: list[float] = []
+        cfg = _cfg(epochs=1, amp=amp, checkpoint_every=0)
+        out = train(model, _Toy(), cfg, NormalPatternLoss(), DiceLoss(), on_iteration=_collect(losses))
+        results[amp] = losses
+        assert all(torch.isfinite(torch.tensor(losses))) and out["iterations"] == 2
+    assert results["bf16"][0] == pytest.approx(results["none"][0], rel=2e-2)
+    assert results["bf16"] != results["none"]  # autocast really ran in bf16

@@ -1,0 +1,319 @@
+"""Device-agnostic, resumable training (method spec §8–§9, §13.3, §13.9).
+
+Training = normal-pattern modelling (L_npm on normal images) plus, for INP-Former++, residual
+learning: the segmentation head learns from the *detached* residual of a pseudo-anomalous copy
+(Dice loss). ``TrainConfig.residual_mode`` (decided once, by the caller's builder):
+
+* ``joint`` — both in every iteration; the stop-gradient isolates the head (§13.9).
+* ``two_stage`` — ``epochs`` of normal-pattern modelling, then ``head_epochs`` for the head alone
+  with everything else frozen (§13.9).
+* ``off`` — conference INP-Former.
+
+Resumable: a checkpoint (model, optimiser, RNG, schedule, :class:`TrainState`) is written every
+``checkpoint_every`` iterations and at each epoch end. Each epoch's sample order comes from a
+generator seeded with (seed, epoch) and the dataset is told the epoch (``set_epoch``), so a resumed
+run draws exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from components.checkpoint import latest_checkpoint, load_train_state, read_progress, save_train_checkpoint
+from components.data import batch as keys
+from components.losses import DiceLoss, NormalPatternLoss
+from components.optim import StableAdamW, WarmCosineSchedule, clip_grad_norm
+from components.train_config import (
+    AMP_MODES,
+    RESIDUAL_MODES,
+    CheckpointSpec,
+    TrainConfig,
+    TrainState,
+    seed_everything,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AMP_MODES",
+    "RESIDUAL_MODES",
+    "CheckpointSpec",
+    "TrainConfig",
+    "TrainState",
+    "phase_optimizer",
+    "seed_everything",
+    "train",
+]
+
+PHASE_EPOCH_STRIDE = 10_000  # set_epoch(epoch + stride · phase): each phase draws its own stream
+SAMPLER_SEED_STRIDE = 100_003  # the sampler's generator seed = seed · stride + epoch
+
+
+class EpochSampler(Sampler[list[int]]):
+    """Batches of one epoch from a (seed, epoch)-seeded permutation, starting at batch ``skip``."""
+
+    def __init__(self, n: int, cfg: TrainConfig, epoch: int, skip: int) -> None:
+        g = torch.Generator().manual_seed(cfg.seed * SAMPLER_SEED_STRIDE + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        stop = (n // cfg.batch_size) * cfg.batch_size if cfg.drop_last else n
+        self.batches = [order[i : i + cfg.batch_size] for i in range(0, stop, cfg.batch_size)][skip:]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclass
+class _Phase:
+    """One phase's fixed parts: what trains, with which optimiser and losses."""
+
+    name: str  # "main" (L_npm [+ joint seg]) or "head" (two-stage head training)
+    index: int
+    epochs: int
+    model: Any
+    dataset: Dataset
+    cfg: TrainConfig
+    loss_fn: NormalPatternLoss
+    dice: DiceLoss
+    optimizer: StableAdamW
+    schedule: WarmCosineSchedule
+    trunk_params: list[torch.nn.Parameter]
+    head_params: list[torch.nn.Parameter]
+    device: torch.device
+
+    @property
+    def joint(self) -> bool:
+        """Normal-pattern modelling and the head's Dice loss in the same step."""
+        return self.name == "main" and self.cfg.residual_mode == "joint"
+
+    @property
+    def head_only(self) -> bool:
+        """The second stage of two-stage training."""
+        return self.name == "head"
+
+
+def _phase_names(cfg: TrainConfig) -> list[tuple[str, int]]:
+    phases = [("main", cfg.epochs)]
+    if cfg.residual_mode == "two_stage" and cfg.head_epochs > 0:
+        phases.append(("head", cfg.head_epochs))
+    return phases
+
+
+def phase_optimizer(
+    model: Any, cfg: TrainConfig, name: str, total_iters: int
+) -> tuple[StableAdamW, WarmCosineSchedule]:
+    """Freeze what phase ``name`` (``main`` or ``head``) does not train; the optimiser and schedule of the rest."""
+    trunk, head = model.trunk_parameters(), model.head_parameters()
+    train_head = name == "head" or cfg.residual_mode == "joint"
+    for p in trunk:
+        p.requires_grad_(name == "main")
+    for p in head:
+        p.requires_grad_(train_head)
+    groups = [{"params": trunk, "name": "trunk"}] if name == "main" else []
+    if train_head:
+        groups.append({"params": head, "name": "head", "lr_scale": cfg.head_lr_scale})
+    optimizer = StableAdamW(
+        groups,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        amsgrad=cfg.amsgrad,
+        clip_threshold=cfg.clip_threshold,
+    )
+    schedule = WarmCosineSchedule(optimizer, cfg.lr, cfg.final_lr, total_iters, min(cfg.warmup_iters, total_iters))
+    return optimizer, schedule
+
+
+def train(
+    model: Any,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    loss_fn: NormalPatternLoss,
+    dice: DiceLoss | None = None,
+    checkpoints: CheckpointSpec | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_iteration: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` (an :class:`~components.model.InpFormer`) on ``dataset``.
+
+    The dataset yields :mod:`components.data.batch` dicts: ``image`` (3×H×W, normalised) or
+    ``features``, and for residual learning ``anomaly_image``/``anomaly_features`` and
+    ``anomaly_mask`` (1×H×W in {0, 1}); it may define ``set_epoch(epoch)``.
+
+    Returns a summary: per-epoch mean losses, iterations run, wall time, whether it resumed.
+    """
+    if cfg.residual_mode != "off" and model.seg_head is None:
+        msg = f"residual_mode={cfg.residual_mode!r} needs a model with a segmentation head (or residual_mode='off')."
+        raise ValueError(msg)
+    device = torch.device(cfg.device)
+    model.to(device)
+    n = len(dataset)  # type: ignore[arg-type]
+    per_epoch = n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
+    if per_epoch < 1:
+        msg = f"{n} training images give no full batch of {cfg.batch_size}: lower the batch size or add images."
+        raise ValueError(msg)
+    ckpt = latest_checkpoint(checkpoints.folder) if (checkpoints and checkpoints.resume) else None
+    state = TrainState(phase=int(read_progress(ckpt)["phase"])) if ckpt is not None else TrainState()
+    resumed, schedule = False, None
+    start_time = time.time()
+    phases = _phase_names(cfg)
+    while state.phase < len(phases):
+        name, epochs = phases[state.phase]
+        optimizer, schedule = phase_optimizer(model, cfg, name, epochs * per_epoch)
+        if ckpt is not None:
+            state = TrainState(**load_train_state(ckpt, model, optimizer, str(device)))
+            schedule.load_state_dict({"iteration": state.phase_iteration})
+            resumed = True
+            logger.info("Resumed from %s (epoch %d, batch %d)", ckpt, state.epoch, state.batch)
+            ckpt = None
+        else:
+            state.epoch, state.batch, state.phase_iteration = 0, 0, 0
+        trunk_ids = {id(p) for p in model.trunk_parameters()}
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        phase = _Phase(
+            name=name,
+            index=state.phase,
+            epochs=epochs,
+            model=model,
+            dataset=dataset,
+            cfg=cfg,
+            loss_fn=loss_fn,
+            dice=dice or DiceLoss(),
+            optimizer=optimizer,
+            schedule=schedule,
+            trunk_params=[p for p in trainable if id(p) in trunk_ids],
+            head_params=[p for p in trainable if id(p) not in trunk_ids],
+            device=device,
+        )
+        for epoch in range(state.epoch, epochs):
+            run_epoch(phase, state, epoch, checkpoints, on_epoch, on_iteration)
+        state.phase += 1
+    return {
+        "history": state.history,
+        "iterations": state.global_iteration,
+        "iterations_per_epoch": per_epoch,
+        "seconds": time.time() - start_time,
+        "resumed": resumed,
+        "final_lr": schedule.lr_at(schedule.iteration) if schedule else None,
+    }
+
+
+def run_epoch(
+    phase: _Phase,
+    state: TrainState,
+    epoch: int,
+    checkpoints: CheckpointSpec | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+    on_iteration: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    """One epoch of ``phase`` from batch ``state.batch``; updates ``state``; returns the mean losses."""
+    cfg = phase.cfg
+    if hasattr(phase.dataset, "set_epoch"):
+        phase.dataset.set_epoch(epoch + PHASE_EPOCH_STRIDE * phase.index)
+    sampler = EpochSampler(len(phase.dataset), cfg, epoch, state.batch)  # type: ignore[arg-type]
+    loader = DataLoader(
+        phase.dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=phase.device.type == "cuda"
+    )
+    sums: dict[str, float] = {}
+    count = 0
+    phase.model.train()
+    desc = f"{phase.name} epoch {epoch + 1}/{phase.epochs}"
+    bar = tqdm(loader, total=len(sampler), desc=desc, disable=not cfg.progress, leave=False)
+    for batch in bar:
+        logs = train_step(phase, batch)
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        state.batch += 1
+        state.global_iteration += 1
+        state.phase_iteration = phase.schedule.iteration
+        if not math.isfinite(logs["total"]):
+            msg = f"loss became {logs['total']} at iteration {state.global_iteration}."
+            raise FloatingPointError(msg)
+        if on_iteration is not None:
+            on_iteration({**logs, "iteration": state.global_iteration, "phase": phase.name})
+        bar.set_postfix(loss=f"{logs['total']:.4f}", lr=f"{logs['lr']:.2e}")
+        if checkpoints and cfg.checkpoint_every and state.global_iteration % cfg.checkpoint_every == 0:
+            _save(phase, state, checkpoints)
+    means: dict[str, Any] = {k: v / max(count, 1) for k, v in sums.items()}
+    means.update(epoch=epoch + 1, phase=phase.name)
+    state.history.append(means)
+    state.epoch, state.batch = epoch + 1, 0
+    if checkpoints:
+        _save(phase, state, checkpoints)
+    if on_epoch is not None:
+        on_epoch(means)
+    logger.info("%s epoch %d/%d: %s", phase.name, epoch + 1, phase.epochs, _fmt(means))
+    return means
+
+
+def _save(phase: _Phase, state: TrainState, checkpoints: CheckpointSpec) -> None:
+    save_train_checkpoint(checkpoints.folder, phase.model, checkpoints.model_config, phase.optimizer, asdict(state))
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_step(phase: _Phase, batch: dict[str, Any]) -> dict[str, float]:
+    """Forward, backward, clip and step on one batch; return the losses and the lr used."""
+    lr = phase.optimizer.param_groups[0]["lr"]
+    with _autocast(phase.cfg.amp, phase.device):
+        values = step_losses(phase, batch)
+    phase.optimizer.zero_grad(set_to_none=True)
+    values["total"].backward()
+    clip_grad_norm(phase.trunk_params, phase.cfg.grad_clip)
+    clip_grad_norm(phase.head_params, phase.cfg.head_grad_clip)
+    phase.optimizer.step()
+    phase.schedule.step()
+    logs = {k: float(v.detach()) for k, v in values.items()}
+    logs["lr"] = lr
+    return logs
+
+
+def _forward(model: Any, batch: dict[str, Any], image_key: str, features_key: str, device: torch.device):
+    if features_key in batch:  # cached encoder outputs (components.feature_cache)
+        return model.forward_cached(batch[features_key].to(device, non_blocking=True))
+    return model(batch[image_key].to(device, non_blocking=True))
+
+
+def step_losses(phase: _Phase, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """L_npm terms on the normal images and/or the head's Dice loss on the pseudo anomalies."""
+    model, device = phase.model, phase.device
+    values: dict[str, torch.Tensor] = {}
+    if not phase.head_only:
+        values = phase.loss_fn(_forward(model, batch, keys.IMAGE, keys.FEATURES, device))
+    if phase.joint or phase.head_only:
+        if keys.ANOMALY_IMAGE not in batch and keys.ANOMALY_FEATURES not in batch:
+            msg = (
+                f"residual learning needs '{keys.ANOMALY_IMAGE}'/'{keys.ANOMALY_MASK}' in the batch (enable synthesis)."
+            )
+            raise KeyError(msg)
+        mask = batch[keys.ANOMALY_MASK].to(device, non_blocking=True)
+        with torch.no_grad():  # the residual is detached (§13.3): no trunk graph is needed
+            out_a = _forward(model, batch, keys.ANOMALY_IMAGE, keys.ANOMALY_FEATURES, device)
+        probs = torch.sigmoid(model.segment(out_a, size=tuple(mask.shape[-2:])).float())
+        seg = phase.dice(probs, mask.float())
+        values["seg"] = seg
+        weighted = phase.cfg.seg_weight * seg
+        values["total"] = values["total"] + weighted if "total" in values else weighted
+    return values
+
+
+def _fmt(values: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, float))

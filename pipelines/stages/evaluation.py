@@ -1,0 +1,156 @@
+"""``inpformer evaluate``: metrics per category and their mean, reports, plots, MLflow and registry."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components.checkpoint import atomic_write_text, load_model
+from components.data.datasets import ImageDataset, Record
+from components.inference import InferenceResult, ScoringConfig, predict
+from components.metrics import METRIC_KEYS, evaluate_arrays
+from components.plots import plot_curves, plot_examples, plot_histogram
+from pipelines.builders import build_scoring, build_transform, resolve_device
+from pipelines.config import Params
+from pipelines.paths import ARTIFACTS, EVAL_DIR, EVAL_RUN_FILE, METRICS_FILE, MODELS_DIR
+from pipelines.records import evaluation_records, load_records, manifest_hash
+from pipelines.reporting import markdown_table
+from pipelines.tracking import log_and_register_model, safe_metric_name, tracked_run
+
+__all__ = ["Evaluation", "evaluate", "model_package"]
+
+
+@dataclass
+class Evaluation:
+    """What an evaluation found: metrics and thresholds per category, scoring per group."""
+
+    per_category: dict[str, dict[str, float]] = field(default_factory=dict)
+    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group → its categories
+    scoring: dict[str, ScoringConfig] = field(default_factory=dict)  # group → how its maps were made
+    pretrained: dict[str, bool] = field(default_factory=dict)  # group → encoder pretrained
+
+    def mean(self) -> dict[str, float]:
+        """Mean over categories of each metric (NaN-skipping; NaN without categories)."""
+        vals = self.per_category.values()
+        return {k: float(np.nanmean([v[k] for v in vals])) if vals else math.nan for k in METRIC_KEYS}
+
+
+def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
+    """Write ``artifacts/metrics.json`` and ``artifacts/eval/`` (CSV, Markdown, thresholds, plots); log and register."""
+    device = resolve_device(p.train.device)
+    records = load_records(p)
+    test = evaluation_records(p, records)
+    cats = list(dict.fromkeys(r.category for r in test))
+    staging = ARTIFACTS / ".eval.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "plots").mkdir(parents=True)
+    ev = Evaluation(groups={"all": cats} if p.setting.kind != "single_class" else {c: [c] for c in cats})
+    for group, group_cats in ev.groups.items():
+        model, mcfg = _model_for(p, group, device)
+        ev.scoring[group] = build_scoring(p, model.seg_head is not None)
+        ev.pretrained[group] = bool(mcfg.get("encoder_pretrained", False))
+        for cat in group_cats:
+            recs = [r for r in test if r.category == cat]
+            _evaluate_category(p, model, ev.scoring[group], ev, recs, staging / "plots", progress)
+    metrics = {"mean": ev.mean(), "categories": ev.per_category}
+    _write_reports(staging, ev)
+    if EVAL_DIR.exists():
+        shutil.rmtree(EVAL_DIR)
+    staging.rename(EVAL_DIR)
+    atomic_write_text(METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=True))
+    _track(p, ev)
+    pretrained = all(ev.pretrained.values())
+    print(markdown_table(ev.per_category, metrics["mean"]))
+    enc = "pretrained DINOv2" if pretrained else "RANDOM-INIT encoder (no DINOv2 weights: not comparable to the paper)"
+    print(f"\nEncoder: {enc}. Metrics: {p.eval.metrics_mode}. Written: {METRICS_FILE}, {EVAL_DIR}/")
+    return metrics
+
+
+def _model_for(p: Params, group: str, device: str):
+    if p.setting.kind != "zero_shot":
+        return load_model(MODELS_DIR / group, device)
+    src = Path(p.setting.zero_shot_source) if p.setting.zero_shot_source else None
+    if src is None or not (src / "config.json").is_file():
+        msg = "setting.zero_shot_source must name a trained model folder (artifacts/models/all of the source dataset)."
+        raise FileNotFoundError(msg)
+    return load_model(src, device)
+
+
+def _evaluate_category(
+    p: Params, model: Any, scoring: ScoringConfig, ev: Evaluation, recs: list[Record], plots_dir: Path, progress: bool
+) -> InferenceResult:
+    """Score one category's test images; store its metrics and thresholds in ``ev``; plot."""
+    cat = recs[0].category
+    e = p.eval
+    ds = ImageDataset(recs, build_transform(p))
+    device = resolve_device(p.train.device)
+    res = predict(model, ds, scoring, e.batch_size, device, p.data.num_workers, progress)
+    has_masks = res.masks is not None and any(r.mask_path for r in recs)
+    maps, masks = (res.maps, res.masks) if has_masks else (None, None)
+    m = evaluate_arrays(res.scores, res.labels, maps, masks, e.metrics_mode, e.fpr_limit)
+    ev.per_category[cat] = {k: m[k] for k in METRIC_KEYS}
+    ev.thresholds[cat] = {"image_threshold": m["image_threshold"], "pixel_threshold": m["pixel_threshold"]}
+    if e.plots:
+        safe = cat.replace("/", "_")
+        plot_curves(plots_dir, safe, res.scores, res.labels, maps, masks, e.fpr_limit)
+        plot_histogram(plots_dir / f"{safe}_scores.png", cat, res.scores, res.labels, m["image_threshold"])
+        plot_examples(model, ds, res, plots_dir, safe, e.grid_images, device)
+    return res
+
+
+def _write_reports(folder: Path, ev: Evaluation) -> None:
+    mean = ev.mean()
+    atomic_write_text(folder / "thresholds.json", json.dumps(ev.thresholds, indent=2))
+    rows = [{"category": c, **v} for c, v in ev.per_category.items()] + [{"category": "mean", **mean}]
+    pd.DataFrame(rows).to_csv(folder / "metrics_per_category.csv", index=False)
+    (folder / "metrics.md").write_text(markdown_table(ev.per_category, mean) + "\n")
+
+
+def model_package(p: Params, ev: Evaluation, group: str) -> dict[str, Any]:
+    """What a registered model needs besides its weights: scoring, transform sizes, thresholds."""
+    cats = ev.groups[group]
+    if len(cats) == 1:
+        image_threshold = ev.thresholds.get(cats[0], {}).get("image_threshold", math.nan)
+    else:
+        image_threshold = float(np.nanmedian([ev.thresholds[c]["image_threshold"] for c in cats]))
+    return {
+        "scoring": asdict(ev.scoring[group]),
+        "image_size": p.data.image_size,
+        "crop_size": p.data.crop_size,
+        "image_threshold": image_threshold,
+        "thresholds": {c: ev.thresholds[c] for c in cats},
+    }
+
+
+def _track(p: Params, ev: Evaluation) -> None:
+    """One MLflow run with the metrics, reports and plots; register each group's model."""
+    mean = ev.mean()
+    maps = ",".join({s.map_kind for s in ev.scoring.values()})
+    tags = {"encoder_pretrained": all(ev.pretrained.values()), "map": maps, "manifest_hash": manifest_hash(p)}
+    with tracked_run(p, "evaluate", "evaluate", tags) as mlflow:
+        mlflow.log_metrics({k: v for k, v in mean.items() if math.isfinite(v)})
+        for cat, vals in ev.per_category.items():
+            safe = safe_metric_name(cat)
+            mlflow.log_metrics({f"{safe}/{k}": v for k, v in vals.items() if math.isfinite(v)})
+        mlflow.log_artifact(str(METRICS_FILE))
+        mlflow.log_artifacts(str(EVAL_DIR), artifact_path="eval")
+        registry = {}
+        if p.setting.kind != "zero_shot":
+            for group, cats in ev.groups.items():
+                gm = [ev.per_category[c]["mad"] for c in cats]
+                mad = float(np.nanmean(gm)) if gm else math.nan
+                package = model_package(p, ev, group)
+                registry[group] = log_and_register_model(mlflow, p, MODELS_DIR / group, package, mad, group)
+        active = getattr(mlflow, "active_run", lambda: None)()
+        run_id = getattr(getattr(active, "info", None), "run_id", "")
+        maps_info = {g: {"map": ev.scoring[g].map_kind, "encoder_pretrained": ev.pretrained[g]} for g in ev.groups}
+        record = {"run_id": run_id, "registry": registry, "maps": maps_info}
+        atomic_write_text(EVAL_RUN_FILE, json.dumps(record, indent=2, default=str))

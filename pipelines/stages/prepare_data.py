@@ -1,0 +1,115 @@
+"""``inpformer prepare``: index (and for ``synthetic``, generate) a dataset into a manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from components.checkpoint import atomic_write_text
+from components.data.datasets import Record, write_manifest
+from components.data.download import DATASET_SOURCES, fetch_dataset
+from components.data.readers import (
+    MVTEC_CATEGORIES,
+    ScanReport,
+    flat_records,
+    mvtec_records,
+    realiad_records,
+    validate_records,
+)
+from components.data.synthetic import generate_synthetic
+from pipelines.config import Params
+from pipelines.paths import manifest_path, raw_dir, relative_to
+from pipelines.reporting import count_table, format_table
+
+__all__ = ["prepare", "prepare_textures"]
+
+LOCAL_KINDS = ("folder", "flat")  # read where they are; the others are downloaded or extracted
+TEXTURE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SKIP_BAD_ADVICE = "Fix or remove the files listed above, or set data.skip_bad: true to skip them (they are counted)."
+
+
+def prepare(p: Params, source: str | None = None, dataset: str | None = None, name: str | None = None) -> Path:
+    """Index a dataset into ``data/prepared/<name>/manifest.csv`` (paths relative to it); return the manifest."""
+    kind = dataset or p.data.dataset
+    name = name or p.data.name
+    source = source if source is not None else p.data.source
+    if kind == "dtd":  # the texture source of the pseudo anomalies, not a dataset to index
+        return prepare_textures(source)
+    report = ScanReport()
+    records = _scan(p, kind, name, source, report)
+    raw_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out even when the images stay where they are
+    if kind in LOCAL_KINDS:
+        atomic_write_text(raw_dir(name) / "SOURCE.txt", f"{kind}: {Path(source).resolve()}\n")
+    records = validate_records(records, report, skip_bad=p.data.skip_bad, progress=False)
+    report.raise_if_problems(SKIP_BAD_ADVICE)
+    _write(name, records)
+    print(f"Prepared '{name}' ({kind}) → {manifest_path(name)}")
+    print(format_table(count_table(records)))
+    _print_report(report)
+    return manifest_path(name)
+
+
+def prepare_textures(source: str | None) -> Path:
+    """Fetch or extract DTD (the pseudo-anomaly textures) and say which folder to configure."""
+    root = fetch_dataset("dtd", raw_dir("dtd"), source or None)
+    images = root / "images" if (root / "images").is_dir() else root
+    n = sum(1 for f in images.rglob("*") if f.suffix.lower() in TEXTURE_SUFFIXES)
+    print(f"DTD textures: {n} images in {images}\nSet synthesis.texture_dir: {images}")
+    return images
+
+
+def _scan(p: Params, kind: str, name: str, source: str, report: ScanReport) -> list[Record]:
+    """The records of dataset ``kind`` (downloaded or generated first when needed)."""
+    if kind == "synthetic":
+        s = p.data.synthetic
+        root = generate_synthetic(
+            raw_dir(name), s.seed, s.size, s.n_train, s.n_test_good, s.n_test_per_defect, s.categories
+        )
+        return mvtec_records(root, report=report)
+    if kind in LOCAL_KINDS and not source:
+        layout = "MVTec layout" if kind == "folder" else "good/ and bad/ (and masks/, test_good/)"
+        msg = f"data.dataset={kind} needs --from <folder with {layout}> (or data.source)."
+        raise ValueError(msg)
+    if kind == "flat":
+        return _flat(Path(source), name, p.seed, report)
+    root = Path(source) if kind == "folder" else fetch_dataset(kind, raw_dir(name), source or None)
+    if kind == "realiad":
+        jsons = root / "realiad_jsons" / "realiad_jsons"
+        return realiad_records(root / "realiad_1024", jsons, p.data.categories or None, report)
+    order = MVTEC_CATEGORIES if kind == "mvtec" else DATASET_SOURCES.get(kind, {}).get("order", ())
+    return mvtec_records(root, p.data.categories or None, order=order, report=report)
+
+
+def _flat(root: Path, name: str, seed: int, report: ScanReport) -> list[Record]:
+    def optional(sub: str) -> Path | None:
+        return root / sub if (root / sub).is_dir() else None
+
+    good, bad, masks, test_good = root / "good", optional("bad"), optional("masks"), optional("test_good")
+    return flat_records(good, bad, masks, test_good, category=name, seed=seed, report=report)
+
+
+def _write(name: str, records: list[Record]) -> None:
+    """The manifest (paths relative to its folder) and the count table as JSON."""
+    out_dir = manifest_path(name).parent
+    rel = [
+        Record(
+            relative_to(r.path, out_dir),
+            r.category,
+            r.split,
+            r.label,
+            relative_to(r.mask_path, out_dir) if r.mask_path else "",
+            r.defect,
+        )
+        for r in records
+    ]
+    write_manifest(manifest_path(name), rel)
+    atomic_write_text(out_dir / "counts.json", json.dumps(count_table(records), indent=2))
+
+
+def _print_report(report: ScanReport) -> None:
+    if report.skipped_non_images:
+        print(f"Skipped {len(report.skipped_non_images)} non-image file(s), e.g. {report.skipped_non_images[0]}")
+    if report.skipped_bad:
+        print(f"Skipped {len(report.skipped_bad)} unreadable file(s) (data.skip_bad), e.g. {report.skipped_bad[0]}")
+    if report.conversions:
+        print("Converted: " + ", ".join(f"{k}: {v}" for k, v in sorted(report.conversions.items())))

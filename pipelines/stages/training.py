@@ -1,0 +1,100 @@
+"""``inpformer train``: one model per group into ``artifacts/models/<group>/``, resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from components.checkpoint import atomic_write_text, save_model
+from components.data.datasets import Record
+from components.training import CheckpointSpec, seed_everything
+from components.training import train as train_model
+from pipelines.builders import build_loss, build_model, build_train_config
+from pipelines.config import Params
+from pipelines.paths import ARTIFACTS, CHECKPOINTS_DIR, MODELS_DIR, TRAIN_SUMMARY_FILE
+from pipelines.records import load_records, manifest_hash, training_groups
+from pipelines.tracking import tracked_run
+from pipelines.training_data import training_dataset
+
+__all__ = ["config_hash", "train"]
+
+HASHED_SECTIONS = ("seed", "setting", "data", "synthesis", "model", "loss", "train")
+
+
+def config_hash(p: Params) -> str:
+    """Digest of everything that shapes the trained weights (names the checkpoint folder)."""
+    dump = p.model_dump(mode="json")
+    keys = {k: dump[k] for k in HASHED_SECTIONS}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train(p: Params, progress: bool = True, resume: bool = True) -> dict[str, Any]:
+    """Train every group, then replace ``artifacts/models`` and write the summary atomically."""
+    if p.setting.kind == "zero_shot":
+        print("setting.kind=zero_shot: no training (evaluate uses setting.zero_shot_source).")
+        MODELS_DIR.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(TRAIN_SUMMARY_FILE, json.dumps({"setting": "zero_shot"}))
+        return {}
+    records = load_records(p)
+    staging = ARTIFACTS / ".models.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    summary: dict[str, Any] = {"groups": {}, "config_hash": config_hash(p)}
+    for group, recs in training_groups(p, records).items():
+        summary["groups"][group] = train_group(p, group, recs, records, staging / group, progress, resume)
+    if MODELS_DIR.exists():
+        shutil.rmtree(MODELS_DIR)
+    staging.rename(MODELS_DIR)
+    atomic_write_text(TRAIN_SUMMARY_FILE, json.dumps(summary, indent=2))
+    shutil.rmtree(CHECKPOINTS_DIR / summary["config_hash"], ignore_errors=True)
+    return summary
+
+
+def train_group(
+    p: Params, group: str, recs: list[Record], records: list[Record], out: Path, progress: bool, resume: bool
+) -> dict[str, Any]:
+    """Train the model of one group into ``out``; return its summary row."""
+    seed_everything(p.seed, p.train.deterministic)  # per group, as the official single-class loop
+    model = build_model(p)
+    cfg = build_train_config(p, progress)
+    npm, dice = build_loss(p)
+    dataset = training_dataset(p, recs, records, model, cfg.device, progress)
+    model_config = {
+        "model": model.config.to_dict(),
+        "encoder_pretrained": model.pretrained_loaded,
+        "encoder_weights_source": model.encoder.weights_source,
+        "group": group,
+        "categories": sorted({r.category for r in recs}),
+        "setting": p.setting.kind,
+        "dataset": p.data.name,
+        "image_size": p.data.image_size,
+        "crop_size": p.data.crop_size,
+    }
+    checkpoints = CheckpointSpec(CHECKPOINTS_DIR / config_hash(p) / group, model_config, resume)
+    tags = {"group": group, "encoder_pretrained": model.pretrained_loaded, "manifest_hash": manifest_hash(p)}
+    with tracked_run(p, "train", f"train-{group}", tags) as mlflow:
+        mlflow.log_params({"encoder_pretrained": model.pretrained_loaded, "n_train_images": len(dataset)})
+
+        def on_epoch(m: dict[str, Any]) -> None:
+            epoch_metrics = {f"train_{k}": v for k, v in m.items() if isinstance(v, float)}
+            mlflow.log_metrics(epoch_metrics, step=int(m["epoch"]))
+
+        result = train_model(model, dataset, cfg, npm, dice, checkpoints, on_epoch=on_epoch)
+        save_model(out, model, model_config)
+        mlflow.log_metrics({"train_seconds": result["seconds"]})
+    resumed = " (resumed)" if result["resumed"] else ""
+    print(
+        f"[{group}] {len(dataset)} images, {result['iterations']} iterations, {result['seconds']:.1f}s{resumed}; "
+        f"encoder pretrained: {model.pretrained_loaded}"
+    )
+    return {
+        "images": len(dataset),
+        "iterations": result["iterations"],
+        "seconds": round(result["seconds"], 2),
+        "resumed": result["resumed"],
+        "final_loss": result["history"][-1].get("total") if result["history"] else None,
+        "encoder_pretrained": model.pretrained_loaded,
+    }
