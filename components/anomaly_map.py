@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from components.constants import FUSED_L2_NORMS
 from components.losses import inp_distance
 
 __all__ = [
@@ -27,8 +28,6 @@ __all__ = [
     "postprocess",
     "reconstruction_map",
 ]
-
-FUSED_L2_NORMS = ("none", "channel_rms", "relative")
 
 
 def _up(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from components.files import atomic_write_text
 from components.model import InpFormer, InpFormerConfig
 
 __all__ = [
@@ -39,22 +40,6 @@ __all__ = [
     "save_train_checkpoint",
     "set_rng_state",
 ]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,18 +18,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from components.anomaly_map import (
-    FUSED_L2_NORMS,
     fused_map,
     image_score,
     inp_distance_map,
     postprocess,
     reconstruction_map,
 )
+from components.constants import FUSED_L2_NORMS, MAP_KINDS
 from components.data import batch as keys
 
 __all__ = ["MAP_KINDS", "InferenceResult", "ScoringConfig", "predict", "score_batch"]
-
-MAP_KINDS = ("reconstruction", "fused", "inp_distance")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.constants import COHERENCE_KINDS, MSE_REDUCTIONS
+
 __all__ = [
     "COHERENCE_KINDS",
     "MSE_REDUCTIONS",
@@ -29,9 +31,6 @@ __all__ = [
     "inp_distance",
     "scale_grad",
 ]
-
-COHERENCE_KINDS = ("hard", "soft")
-MSE_REDUCTIONS = ("mean", "sum")
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from components.data import batch as keys
 from components.metrics import curve_points, region_weights
 
-__all__ = ["plot_attention", "plot_curves", "plot_examples", "plot_histogram", "plot_map_grid", "select_examples"]
+__all__ = [
+    "curve_tables",
+    "plot_attention",
+    "plot_curves",
+    "plot_examples",
+    "plot_histogram",
+    "plot_map_grid",
+    "select_examples",
+]
 
 ATTENTION_ROWS = 4  # images in the INP attention figure
 
@@ -80,6 +88,38 @@ def plot_curves(
         fig.savefig(written[-1], dpi=80)
         plt.close(fig)
     return written
+
+
+def curve_tables(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    maps: np.ndarray | None,
+    masks: np.ndarray | None,
+    fpr_limit: float,
+    max_points: int,
+    max_pixels: int = 2_000_000,
+) -> dict[str, dict[str, np.ndarray]]:
+    """The curves as columns (for CSV / DVC plots), at most ``max_points`` points each.
+
+    ``roc`` (fpr, tpr) and ``pr`` (recall, precision) of the image scores; ``pro`` (fpr, pro) of
+    the pixels to ``fpr_limit``, PRO normalised to its end value. Deterministic (fixed-seed pixel
+    subsample above ``max_pixels``).
+    """
+    out: dict[str, dict[str, np.ndarray]] = {}
+    if labels.min() != labels.max():
+        fpr, tpr, prec, _ = _roc_pr(scores, labels, max_points=max_points)
+        out["roc"] = {"fpr": fpr, "tpr": tpr}
+        out["pr"] = {"recall": tpr, "precision": prec}
+    if maps is not None and masks is not None and masks.any():
+        weights, _ = region_weights(masks)
+        s, y, w = maps.ravel(), masks.ravel(), weights.ravel()
+        if s.size > max_pixels:
+            idx = np.random.default_rng(0).choice(s.size, max_pixels, replace=False)
+            s, y, w = s[idx], y[idx], w[idx]
+        fpr, _tpr, _prec, pro = _roc_pr(s, y, w, max_points=max_points)
+        keep = fpr <= fpr_limit
+        out["pro"] = {"fpr": fpr[keep], "pro": pro[keep] / max(pro[-1], 1e-12)}
+    return out
 
 
 def plot_histogram(

@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["AMP_MODES", "RESIDUAL_MODES", "CheckpointSpec", "TrainConfig", "TrainState", "seed_everything"]
+from components.constants import AMP_MODES, RESIDUAL_MODES
 
-RESIDUAL_MODES = ("joint", "two_stage", "off")
-AMP_MODES = ("none", "bf16")
+__all__ = ["AMP_MODES", "RESIDUAL_MODES", "CheckpointSpec", "TrainConfig", "TrainState", "seed_everything"]
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

@@ -13,7 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from components.data.readers import DATASET_KINDS
+from components.constants import DATASET_KINDS
 from pipelines import stages
 from pipelines.config import ConfigError, Params, load_params
 from pipelines.tracking import hermetic_env

@@ -16,13 +16,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from components.anomaly_map import FUSED_L2_NORMS
-from components.data.readers import DATASET_KINDS
-from components.inference import MAP_KINDS
-from components.losses import COHERENCE_KINDS, MSE_REDUCTIONS
-from components.model.encoder import PATCH_SIZE, POS_EMBED_INTERPOLATIONS
-from components.model.seg_head import SEG_HEAD_LAYOUTS
-from components.training import AMP_MODES, RESIDUAL_MODES
+from components.constants import (
+    AMP_MODES,
+    COHERENCE_KINDS,
+    DATASET_KINDS,
+    FUSED_L2_NORMS,
+    MAP_KINDS,
+    MSE_REDUCTIONS,
+    PATCH_SIZE,
+    POS_EMBED_INTERPOLATIONS,
+    RESIDUAL_MODES,
+    SEG_HEAD_LAYOUTS,
+)
 
 __all__ = ["ConfigError", "Params", "apply_overrides", "flatten", "load_params", "set_dotted"]
 
@@ -183,6 +188,7 @@ class EvalParams(_Strict):
     fused_l2_norm: Literal[FUSED_L2_NORMS] = "none"  # type: ignore[valid-type]
     metrics_mode: Literal["exact", "binned"] = "exact"
     fpr_limit: float = Field(0.3, gt=0, le=1)
+    curve_points: int = Field(200, ge=2)  # points per curve CSV in metrics/curves (DVC plots)
     batch_size: int = Field(16, ge=1)
     plots: bool = True
     grid_images: int = Field(8, ge=0)

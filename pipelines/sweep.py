@@ -32,7 +32,7 @@ import torch
 import yaml
 from optuna.visualization import matplotlib as ovm
 
-from components.checkpoint import atomic_write_text
+from components.files import atomic_write_text
 from pipelines.config import Params, load_params
 from pipelines.paths import SWEEP_DIR, manifest_path, synth_index
 from pipelines.stages import prepare, synthesize

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import optuna
 
-from components.checkpoint import atomic_write_text
 from components.data.datasets import ImageDataset, Record
 from components.data.validation import make_validation_split
+from components.files import atomic_write_text
 from components.inference import predict
 from components.metrics import evaluate_arrays
 from components.training import seed_everything

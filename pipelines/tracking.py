@@ -1,7 +1,13 @@
 """MLflow tracking: runs, params, per-epoch curves, artifacts, the pyfunc model and the registry.
 
 Tracking URI ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts`` (MLflow 3
-refuses the plain file store); telemetry off. Alias ``candidate`` goes to every new version;
+refuses the plain file store); telemetry off; the experiment opens on MLflow's model-training view.
+
+One MLflow run per pipeline execution (a ``dvc repro`` or ``dvc exp run``): the train stage begins a
+parent run (named after the DVC experiment, tagged ``stage=pipeline``) with the flattened params;
+train and evaluate log nested runs under it and evaluate adds the mean and per-category metrics, so
+the runs table lines experiments up with params and mAD side by side. When DVC skips training
+(unchanged, or restored from its run cache), evaluate begins the parent itself. Alias ``candidate`` goes to every new version;
 ``champion`` moves only to a finite mAD that beats the current champion's on the same dataset,
 setting and group (:func:`should_promote`).
 
@@ -19,20 +25,27 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from components.files import atomic_write_text
 from pipelines.config import Params, flatten
+from pipelines.paths import PIPELINE_RUN_FILE
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MODEL_PACKAGE_FILE",
+    "PIPELINE_STAGE",
     "MlflowTrialCallback",
+    "begin_pipeline_run",
     "git_commit",
     "hermetic_env",
     "log_and_register_model",
+    "log_pipeline_metrics",
+    "pipeline_run_id",
     "safe_metric_name",
     "should_promote",
     "tracked_run",
@@ -41,6 +54,10 @@ __all__ = [
 MODEL_PACKAGE_FILE = "scoring.json"  # written into the registered model folder, read by the pyfunc
 MAX_PARAM_LENGTH = 500  # MLflow's limit on a param value
 PARAMS_PER_CALL = 100  # MLflow's limit on params per log_params call
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the MLflow UI opens an experiment on this kind's view
+EXPERIMENT_KIND = "custom_model_development"  # (not the GenAI view)
+PIPELINE_STAGE = "pipeline"  # the stage tag of the parent run of one pipeline execution
+COMPLETION_METRIC = "mad"  # a parent run with this metric is complete: the next execution begins a new one
 
 
 def hermetic_env(root: str | os.PathLike = ".") -> None:
@@ -88,8 +105,12 @@ def _mlflow(p: Params):
         location = Path(p.tracking.artifact_location).resolve()
         location.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(Exception):  # another process may have created it meanwhile
-            mlflow.create_experiment(p.tracking.experiment, artifact_location=location.as_uri())
-    mlflow.set_experiment(p.tracking.experiment)
+            mlflow.create_experiment(
+                p.tracking.experiment, artifact_location=location.as_uri(), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+    experiment = mlflow.set_experiment(p.tracking.experiment)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return mlflow
 
 
@@ -102,36 +123,88 @@ class _NullRun:
         return lambda *a, **k: None
 
 
-@contextlib.contextmanager
-def tracked_run(
-    p: Params, stage: str, run_name: str, tags: dict[str, Any] | None = None, nested: bool = False
-) -> Iterator[Any]:
-    """An MLflow run with flattened params and the standard tags; yields the ``mlflow`` module."""
-    if not p.tracking.enabled:
-        yield _NullRun()
-        return
-    mlflow = _mlflow(p)
-    all_tags = {
+def _tags(p: Params, stage: str, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    return {
         "git_commit": git_commit(),
         "dvc_stage": os.environ.get("DVC_STAGE", stage),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "stage": stage,
         "setting": p.setting.kind,
         "dataset": p.data.name,
-        **{k: str(v) for k, v in (tags or {}).items()},
+        **{k: str(v) for k, v in (extra or {}).items()},
     }
+
+
+def _log_params(mlflow: Any, p: Params) -> None:
+    params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(p).items()}
+    items = list(params.items())
+    for i in range(0, len(items), PARAMS_PER_CALL):
+        mlflow.log_params(dict(items[i : i + PARAMS_PER_CALL]))
+    mlflow.log_dict(p.model_dump(mode="json"), "params/resolved.json")
+
+
+def begin_pipeline_run(p: Params) -> str:
+    """Begin the parent run of a new pipeline execution; remember its id for the later stages."""
+    if not p.tracking.enabled:
+        return ""
+    mlflow = _mlflow(p)
+    name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{git_commit()[:8]}"
+    with mlflow.start_run(run_name=name, tags=_tags(p, PIPELINE_STAGE)) as run:
+        _log_params(mlflow, p)
+    atomic_write_text(PIPELINE_RUN_FILE, json.dumps({"run_id": run.info.run_id}))
+    return run.info.run_id
+
+
+def pipeline_run_id(p: Params) -> str:
+    """This execution's parent run: the one train began, unless it is complete (then a new one)."""
+    if not p.tracking.enabled:
+        return ""
+    mlflow = _mlflow(p)
+    try:
+        run_id = json.loads(PIPELINE_RUN_FILE.read_text())["run_id"]
+        run = mlflow.MlflowClient().get_run(run_id)
+    except Exception:  # no file, a damaged file, or a run of another tracking store
+        return begin_pipeline_run(p)
+    return run_id if COMPLETION_METRIC not in run.data.metrics else begin_pipeline_run(p)
+
+
+def log_pipeline_metrics(p: Params, metrics: dict[str, float]) -> None:
+    """Log finite ``metrics`` to this execution's parent run (the experiment's row in the runs table)."""
+    if not p.tracking.enabled:
+        return
+    from mlflow.entities import Metric  # heavy; see the module docstring
+
+    mlflow = _mlflow(p)
+    now = int(1000 * time.time())
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(v)]
+    mlflow.MlflowClient().log_batch(pipeline_run_id(p), metrics=batch)
+
+
+@contextlib.contextmanager
+def tracked_run(
+    p: Params, stage: str, run_name: str, tags: dict[str, Any] | None = None, in_pipeline: bool = False
+) -> Iterator[Any]:
+    """An MLflow run with flattened params and the standard tags; yields the ``mlflow`` module.
+
+    ``in_pipeline``: nested under this execution's parent run (:func:`pipeline_run_id`).
+    """
+    if not p.tracking.enabled:
+        yield _NullRun()
+        return
+    mlflow = _mlflow(p)
     log_dir = Path(tempfile.mkdtemp(prefix="inpformer-log-"))
     handler = logging.FileHandler(log_dir / f"{stage}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root_logger = logging.getLogger()
     root_logger.addHandler(handler)
     try:
-        with mlflow.start_run(run_name=run_name, nested=nested, tags=all_tags) as run:
-            params = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(p).items()}
-            items = list(params.items())
-            for i in range(0, len(items), PARAMS_PER_CALL):
-                mlflow.log_params(dict(items[i : i + PARAMS_PER_CALL]))
-            mlflow.log_dict(p.model_dump(mode="json"), "params/resolved.json")
+        with contextlib.ExitStack() as runs:
+            if in_pipeline:
+                runs.enter_context(mlflow.start_run(run_id=pipeline_run_id(p)))
+            run = runs.enter_context(
+                mlflow.start_run(run_name=run_name, nested=in_pipeline, tags=_tags(p, stage, tags))
+            )
+            _log_params(mlflow, p)
             try:
                 yield mlflow
             finally:

@@ -203,6 +203,8 @@ def test_manifest_roundtrip_relative_paths(tmp_path) -> None:
     write_manifest(tmp_path / "m" / "manifest.csv", recs)
     back = read_manifest(tmp_path / "m" / "manifest.csv")
     assert back[1].path == str(tmp_path / "m" / "imgs/b.png") and back[1].mask_path == str(tmp_path / "m" / "gt/b.png")
+    write_manifest(tmp_path / "m" / "up.csv", [Record("../raw/x.png", "c", "train", 0)])
+    assert read_manifest(tmp_path / "m" / "up.csv")[0].path == str(tmp_path / "raw" / "x.png")  # normalised
     assert back[1].defect == "crack" and back[0].label == 0
     with pytest.raises(FileNotFoundError, match="inpformer prepare"):
         read_manifest(tmp_path / "nope.csv")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -62,12 +63,17 @@ def _cli(args: list[str], cwd: Path, env: dict, check: bool = True) -> subproces
 
 
 # -- DVC end to end --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def dvc_project(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def make_project(tmp: Path) -> tuple[Path, dict]:
+    """A fresh git + DVC repository with the project's code and tiny params (nothing run yet)."""
     proj = tmp / "proj"
     proj.mkdir()
-    for item in ("components", "pipelines", "dvc.yaml", "sweep"):
+    for item in ("components", "pipelines", "sources", "dvc.yaml", ".dvcignore"):
         src = ROOT / item
         if src.is_dir():
             shutil.copytree(src, proj / item, ignore=shutil.ignore_patterns("__pycache__"))
@@ -75,23 +81,26 @@ def dvc_project(tmp_path_factory):
             shutil.copy(src, proj / item)
     params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_OVERRIDES)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (proj / ".gitignore").write_text("/data/\n/artifacts/\n/mlruns/\n/.prefect/\n/.cache/\n")
+    shutil.copy(ROOT / ".gitignore", proj / ".gitignore")
     env = _env(tmp)
-    for cmd in (
-        ["git", "init", "-q"],
-        [str(BIN / "dvc"), "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "init"],
-    ):
-        subprocess.run(cmd, cwd=proj, env=env, check=True, capture_output=True)
-    first = subprocess.run([str(BIN / "dvc"), "repro"], cwd=proj, env=env, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stdout + first.stderr
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"]):
+        _run(cmd, proj, env)
+    _run(["git", "commit", "-qm", "init"], proj, env)
+    return proj, env
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory):
+    proj, env = make_project(tmp_path_factory.mktemp("e2e"))
+    first = _run([str(BIN / "dvc"), "repro"], proj, env)
+    _run(["git", "add", "-A"], proj, env)
+    _run(["git", "commit", "-qm", "baseline"], proj, env)  # dvc.lock and metrics/ are versioned by git
     return proj, env, first
 
 
 def test_dvc_repro_writes_metrics_and_registers_champion(dvc_project) -> None:
     proj, env, first = dvc_project
-    metrics = json.loads((proj / "artifacts" / "metrics.json").read_text())
+    metrics = json.loads((proj / "metrics" / "metrics.json").read_text())
     keys = {
         "image_auroc",
         "image_ap",
@@ -106,11 +115,17 @@ def test_dvc_repro_writes_metrics_and_registers_champion(dvc_project) -> None:
     assert set(metrics["mean"]) == keys and set(metrics["categories"]) == {"brick", "washer"}
     for vals in metrics["categories"].values():
         assert set(vals) == keys and all(0.0 <= v <= 1.0 for v in vals.values())
-    assert (proj / "dvc.lock").is_file()
+    for kind, columns in (("roc", "fpr,tpr"), ("pr", "recall,precision"), ("pro", "fpr,pro")):
+        for cat in ("brick", "washer"):
+            assert (proj / "metrics" / "curves" / kind / f"{cat}.csv").read_text().startswith(columns)
+    history = (proj / "metrics" / "train_history.csv").read_text().splitlines()
+    assert history[0].startswith("group,") and "seg" in history[0] and len(history) == 2  # 1 epoch
+    assert "seconds" not in (proj / "metrics" / "train.json").read_text()  # versioned files are deterministic
     plots = list((proj / "artifacts" / "eval" / "plots").glob("*.png"))
     assert any(p.name.endswith("_maps.png") for p in plots) and any("pixel_curves" in p.name for p in plots)
     assert "RANDOM-INIT encoder" in first.stdout
-    assert "Running stage 'sweep'" not in first.stdout  # the sweep is never part of plain `dvc repro`
+    for index in ("prepared/synthetic/manifest.csv", "synth/synthetic/index.csv"):
+        assert str(proj) not in (proj / "data" / index).read_text()  # workspace-relative paths only
 
     code = (
         "import mlflow; from mlflow import MlflowClient; mlflow.set_tracking_uri('sqlite:///mlruns/mlflow.db');"
@@ -118,30 +133,13 @@ def test_dvc_repro_writes_metrics_and_registers_champion(dvc_project) -> None:
         "runs = c.search_runs([e.experiment_id]);"
         "mv = c.get_model_version_by_alias('inpformer', 'champion');"
         "print(len(runs), sorted(r.data.tags.get('stage') for r in runs), mv.version,"
-        " runs[0].data.tags.get('encoder_pretrained'))"
+        " e.tags.get('mlflow.experimentKind'), runs[0].data.tags.get('encoder_pretrained'))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=proj, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    n_runs = int(out.stdout.split(maxsplit=1)[0])
-    assert n_runs >= 2 and "'evaluate'" in out.stdout and "'train'" in out.stdout
+    assert out.stdout.startswith("3 ['evaluate', 'pipeline', 'train']")  # one parent, two nested runs
+    assert "custom_model_development" in out.stdout  # the model-training view, not GenAI
     assert out.stdout.strip().endswith("False")  # the run records that the encoder was random-init
-
-
-def test_second_repro_does_nothing_and_gamma_reruns_train_and_eval(dvc_project) -> None:
-    proj, env, _ = dvc_project
-    dvc = str(BIN / "dvc")
-    second = subprocess.run([dvc, "repro"], cwd=proj, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0
-    assert "Running stage" not in second.stdout
-    status = subprocess.run([dvc, "status", "dvc.yaml"], cwd=proj, env=env, capture_output=True, text=True)
-    assert "up to date" in status.stdout.lower() or status.stdout.strip() == ""
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["loss"]["gamma"] = 2.0
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = subprocess.run([dvc, "repro"], cwd=proj, env=env, capture_output=True, text=True, timeout=900)
-    assert third.returncode == 0, third.stderr
-    ran = {line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate"}
 
 
 def test_pyfunc_model_scores_a_batch_of_any_size(dvc_project) -> None:
@@ -157,6 +155,77 @@ def test_pyfunc_model_scores_a_batch_of_any_size(dvc_project) -> None:
     assert "(3, 64, 64) (3,) float" in out.stdout
 
 
+def _stage_runs(stdout: str) -> set[str]:
+    return {line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage")}
+
+
+def _mad_by_experiment(show: list[dict]) -> dict[str, float]:
+    """``dvc exp show --json`` → {baseline rev name or experiment name: mean mAD}."""
+    out = {}
+    for entry in show:
+        revs = [entry] + [r for exp in entry.get("experiments") or [] for r in exp["revs"]]
+        for rev in revs:
+            data = (rev.get("data") or {}).get("metrics") or {}
+            mad = ((data.get("metrics/metrics.json") or {}).get("data") or {}).get("mean", {}).get("mad")
+            out[rev.get("name") or rev["rev"]] = mad
+    return out
+
+
+def test_user_journey_repro_experiments_compare_sweep_survives(dvc_project) -> None:
+    """dvc repro → sweep → two dvc exp run -S → exp show / metrics diff / plots → MLflow runs table."""
+    proj, env, _ = dvc_project
+    dvc = str(BIN / "dvc")
+    assert not _stage_runs(_run([dvc, "repro"], proj, env).stdout)  # nothing changed: nothing runs
+    assert "up to date" in _run([dvc, "status"], proj, env).stdout.lower()
+    sweep = ["sweep", "--n-trials", "1", "--set", "train.epochs=1", "--set", "sweep.pruner=none"]
+    _cli(sweep, proj, env)
+    before = sorted(p.name for p in (proj / "artifacts" / "sweep").iterdir())
+    assert "optuna.db" in before and "best_params.yaml" in before
+
+    ran = _stage_runs(_run([dvc, "exp", "run", "-n", "m4", "-S", "model.num_prototypes=4"], proj, env).stdout)
+    assert ran == {"train", "evaluate"}
+    _run([dvc, "exp", "run", "-n", "g1", "-S", "loss.gamma=1.0"], proj, env)
+    assert sorted(p.name for p in (proj / "artifacts" / "sweep").iterdir()) == before  # the sweep survives
+
+    show = json.loads(_run([dvc, "exp", "show", "--json"], proj, env).stdout)
+    mads = _mad_by_experiment(show)
+    for name in ("m4", "g1"):
+        assert isinstance(mads.get(name), float) and math.isfinite(mads[name]), mads
+    baseline = [v for k, v in mads.items() if k not in ("m4", "g1", "workspace")]
+    assert baseline and all(isinstance(v, float) and math.isfinite(v) for v in baseline), mads
+    diff = json.loads(_run([dvc, "metrics", "diff", "--json"], proj, env).stdout)
+    assert "mean.mad" in diff["metrics/metrics.json"]  # the workspace (g1) against the baseline commit
+    plots = json.loads(_run([dvc, "plots", "show", "--json"], proj, env).stdout)["data"]
+    assert any("curves/roc" in k for k in plots) and any("train_history" in k for k in plots)
+
+    code = (
+        "import mlflow; from mlflow import MlflowClient; mlflow.set_tracking_uri('sqlite:///mlruns/mlflow.db');"
+        "c = MlflowClient(); e = c.get_experiment_by_name('inpformer');"
+        "runs = c.search_runs([e.experiment_id], filter_string=\"tags.stage = 'pipeline'\");"
+        "import json; print(json.dumps([[r.info.run_name, r.data.tags.get('dvc_exp_name'),"
+        " r.data.params.get('model.num_prototypes'), r.data.params.get('loss.gamma'), r.data.metrics.get('mad')]"
+        " for r in runs]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=proj, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {r[0]: r for r in json.loads(out.stdout.splitlines()[-1])}
+    assert {"m4", "g1"} <= set(rows) and len(rows) == 3, rows  # one row per execution: baseline + 2
+    assert rows["m4"][1] == "m4" and rows["m4"][2] == "4" and rows["g1"][3] == "1.0"
+    assert all(isinstance(r[4], float) and math.isfinite(r[4]) for r in rows.values())  # params and mAD side by side
+    assert rows["m4"][4] == pytest.approx(mads["m4"]) and rows["g1"][4] == pytest.approx(mads["g1"])
+
+
+def test_moved_workspace_is_up_to_date(tmp_path_factory) -> None:
+    proj, env = make_project(tmp_path_factory.mktemp("moved"))
+    _run([str(BIN / "dvc"), "repro"], proj, env)
+    moved = proj.parent / "elsewhere"
+    shutil.move(proj, moved)
+    status = _run([str(BIN / "dvc"), "status"], moved, env).stdout
+    assert "up to date" in status.lower(), status
+    again = _run([str(BIN / "dvc"), "repro"], moved, env).stdout
+    assert not _stage_runs(again), again
+
+
 # -- Prefect ---------------------------------------------------------------------------------------
 def test_prefect_flow_runs_stages_and_publishes_artifact(tmp_path, monkeypatch) -> None:
     from prefect.testing.utilities import prefect_test_harness
@@ -170,7 +239,8 @@ def test_prefect_flow_runs_stages_and_publishes_artifact(tmp_path, monkeypatch) 
         if cmd[-1] == "evaluate":
             (root / "artifacts").mkdir(exist_ok=True)
             vals = {k: 0.5 for k in flows.METRIC_COLUMNS}
-            (root / "artifacts" / "metrics.json").write_text(json.dumps({"mean": vals, "categories": {"a": vals}}))
+            (root / "metrics").mkdir(exist_ok=True)
+            (root / "metrics" / "metrics.json").write_text(json.dumps({"mean": vals, "categories": {"a": vals}}))
             (root / "artifacts" / "eval_run.json").write_text(json.dumps({"run_id": "abc123"}))
 
     monkeypatch.setattr(flows, "run_command", fake_run)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from components.checkpoint import atomic_write_text
+from components.files import atomic_write_text
 from components.data import batch as keys
 from components.data.io import read_mask, read_rgb
 from components.data.synthesis import PseudoAnomalySynthesizer
@@ -58,7 +58,8 @@ def write_manifest(path: str | os.PathLike, records: Sequence[Record]) -> None:
 
 
 def read_manifest(path: str | os.PathLike) -> list[Record]:
-    """Read a manifest; relative paths are resolved against the manifest's folder."""
+    """Read a manifest; relative paths are resolved against the manifest's folder (and normalised,
+    so a workspace-relative manifest gives workspace-relative paths: ``data/raw/...``)."""
     path = Path(path)
     if not path.is_file():
         msg = f"manifest {path} not found: run `inpformer prepare` first."
@@ -76,11 +77,11 @@ def read_manifest(path: str | os.PathLike) -> list[Record]:
             m = row.get("mask_path") or ""
             out.append(
                 Record(
-                    path=str(p if os.path.isabs(p) else base / p),
+                    path=p if os.path.isabs(p) else os.path.normpath(base / p),
                     category=row["category"],
                     split=row["split"],
                     label=int(row["label"]),
-                    mask_path=str(m if (not m or os.path.isabs(m)) else base / m),
+                    mask_path=m if (not m or os.path.isabs(m)) else os.path.normpath(base / m),
                     defect=row.get("defect") or ("good" if int(row["label"]) == 0 else "anomaly"),
                 )
             )

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from components.data.datasets import Record
 from components.data.io import ImageReadError, is_image_file, read_mask, read_rgb
+from components.constants import DATASET_KINDS
 
 __all__ = [
     "DATASET_KINDS",
@@ -43,8 +44,6 @@ __all__ = [
     "validate_records",
 ]
 
-# The dataset kinds ``inpformer prepare`` understands (``dtd`` textures are prepared separately).
-DATASET_KINDS = ("synthetic", "folder", "flat", "mvtec", "visa", "realiad", "mpdd", "btad")
 
 MVTEC_CATEGORIES = (
     "carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",

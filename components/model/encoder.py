@@ -19,17 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.constants import PATCH_SIZE, POS_EMBED_INTERPOLATIONS
 from components.model.weights import ENCODER_VARIANTS, resolve_encoder_name
 
 __all__ = ["PATCH_SIZE", "FrozenDinoEncoder"]
 
-PATCH_SIZE = 14
 NUM_REGISTERS = 4
 PRETRAIN_GRID = 37  # 518 / 14
 POS_INTERP_OFFSET = 0.1  # DINOv2's interpolate_offset (spec §3)
-
-
-POS_EMBED_INTERPOLATIONS = ("official", "timm")
 
 
 class FrozenDinoEncoder(nn.Module):

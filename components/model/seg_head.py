@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SEG_HEAD_LAYOUTS", "SegmentationHead"]
+from components.constants import SEG_HEAD_LAYOUTS
 
-SEG_HEAD_LAYOUTS = ("onenip", "plain")
+__all__ = ["SEG_HEAD_LAYOUTS", "SegmentationHead"]
 
 
 class SegmentationHead(nn.Module):

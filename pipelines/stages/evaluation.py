@@ -12,17 +12,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.checkpoint import atomic_write_text, load_model
+from components.checkpoint import load_model
 from components.data.datasets import ImageDataset, Record
+from components.files import atomic_write_text
 from components.inference import InferenceResult, ScoringConfig, predict
 from components.metrics import METRIC_KEYS, evaluate_arrays
-from components.plots import plot_curves, plot_examples, plot_histogram
+from components.plots import curve_tables, plot_curves, plot_examples, plot_histogram
 from pipelines.builders import build_scoring, build_transform, resolve_device
 from pipelines.config import Params
-from pipelines.paths import ARTIFACTS, EVAL_DIR, EVAL_RUN_FILE, METRICS_FILE, MODELS_DIR
+from pipelines.paths import ARTIFACTS, CURVES_DIR, EVAL_DIR, EVAL_RUN_FILE, METRICS_FILE, MODELS_DIR
 from pipelines.records import evaluation_records, load_records, manifest_hash
 from pipelines.reporting import markdown_table
-from pipelines.tracking import log_and_register_model, safe_metric_name, tracked_run
+from pipelines.tracking import log_and_register_model, log_pipeline_metrics, safe_metric_name, tracked_run
 
 __all__ = ["Evaluation", "evaluate", "model_package"]
 
@@ -44,7 +45,8 @@ class Evaluation:
 
 
 def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
-    """Write ``artifacts/metrics.json`` and ``artifacts/eval/`` (CSV, Markdown, thresholds, plots); log and register."""
+    """Write ``metrics/metrics.json``, ``metrics/curves/`` and ``artifacts/eval/`` (CSV, Markdown,
+    thresholds, plots); log to MLflow and register the models."""
     device = resolve_device(p.train.device)
     records = load_records(p)
     test = evaluation_records(p, records)
@@ -52,6 +54,7 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
     staging = ARTIFACTS / ".eval.partial"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "plots").mkdir(parents=True)
+    (staging / "curves").mkdir()
     ev = Evaluation(groups={"all": cats} if p.setting.kind != "single_class" else {c: [c] for c in cats})
     for group, group_cats in ev.groups.items():
         model, mcfg = _model_for(p, group, device)
@@ -62,9 +65,8 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
             _evaluate_category(p, model, ev.scoring[group], ev, recs, staging / "plots", progress)
     metrics = {"mean": ev.mean(), "categories": ev.per_category}
     _write_reports(staging, ev)
-    if EVAL_DIR.exists():
-        shutil.rmtree(EVAL_DIR)
-    staging.rename(EVAL_DIR)
+    _replace(staging / "curves", CURVES_DIR)
+    _replace(staging, EVAL_DIR)
     atomic_write_text(METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=True))
     _track(p, ev)
     pretrained = all(ev.pretrained.values())
@@ -72,6 +74,13 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
     enc = "pretrained DINOv2" if pretrained else "RANDOM-INIT encoder (no DINOv2 weights: not comparable to the paper)"
     print(f"\nEncoder: {enc}. Metrics: {p.eval.metrics_mode}. Written: {METRICS_FILE}, {EVAL_DIR}/")
     return metrics
+
+
+def _replace(staged: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged.rename(target)
 
 
 def _model_for(p: Params, group: str, device: str):
@@ -98,8 +107,11 @@ def _evaluate_category(
     m = evaluate_arrays(res.scores, res.labels, maps, masks, e.metrics_mode, e.fpr_limit)
     ev.per_category[cat] = {k: m[k] for k in METRIC_KEYS}
     ev.thresholds[cat] = {"image_threshold": m["image_threshold"], "pixel_threshold": m["pixel_threshold"]}
+    safe = cat.replace("/", "_")
+    for kind, columns in curve_tables(res.scores, res.labels, maps, masks, e.fpr_limit, e.curve_points).items():
+        (plots_dir.parent / "curves" / kind).mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(columns).to_csv(plots_dir.parent / "curves" / kind / f"{safe}.csv", index=False)
     if e.plots:
-        safe = cat.replace("/", "_")
         plot_curves(plots_dir, safe, res.scores, res.labels, maps, masks, e.fpr_limit)
         plot_histogram(plots_dir / f"{safe}_scores.png", cat, res.scores, res.labels, m["image_threshold"])
         plot_examples(model, ds, res, plots_dir, safe, e.grid_images, device)
@@ -135,11 +147,11 @@ def _track(p: Params, ev: Evaluation) -> None:
     mean = ev.mean()
     maps = ",".join({s.map_kind for s in ev.scoring.values()})
     tags = {"encoder_pretrained": all(ev.pretrained.values()), "map": maps, "manifest_hash": manifest_hash(p)}
-    with tracked_run(p, "evaluate", "evaluate", tags) as mlflow:
-        mlflow.log_metrics({k: v for k, v in mean.items() if math.isfinite(v)})
-        for cat, vals in ev.per_category.items():
-            safe = safe_metric_name(cat)
-            mlflow.log_metrics({f"{safe}/{k}": v for k, v in vals.items() if math.isfinite(v)})
+    flat = dict(mean)
+    for cat, vals in ev.per_category.items():
+        flat.update({f"{safe_metric_name(cat)}/{k}": v for k, v in vals.items()})
+    with tracked_run(p, "evaluate", "evaluate", tags, in_pipeline=True) as mlflow:
+        mlflow.log_metrics({k: v for k, v in flat.items() if math.isfinite(v)})
         mlflow.log_artifact(str(METRICS_FILE))
         mlflow.log_artifacts(str(EVAL_DIR), artifact_path="eval")
         registry = {}
@@ -154,3 +166,4 @@ def _track(p: Params, ev: Evaluation) -> None:
         maps_info = {g: {"map": ev.scoring[g].map_kind, "encoder_pretrained": ev.pretrained[g]} for g in ev.groups}
         record = {"run_id": run_id, "registry": registry, "maps": maps_info}
         atomic_write_text(EVAL_RUN_FILE, json.dumps(record, indent=2, default=str))
+        log_pipeline_metrics(p, flat)  # last: it completes this execution's parent run

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.checkpoint import atomic_write_text
 from components.data.datasets import Record, write_manifest
 from components.data.download import DATASET_SOURCES, fetch_dataset
 from components.data.readers import (
@@ -17,6 +16,7 @@ from components.data.readers import (
     validate_records,
 )
 from components.data.synthetic import generate_synthetic
+from components.files import atomic_write_text
 from pipelines.config import Params
 from pipelines.paths import manifest_path, raw_dir, relative_to
 from pipelines.reporting import count_table, format_table
@@ -39,7 +39,7 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
     records = _scan(p, kind, name, source, report)
     raw_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out even when the images stay where they are
     if kind in LOCAL_KINDS:
-        atomic_write_text(raw_dir(name) / "SOURCE.txt", f"{kind}: {Path(source).resolve()}\n")
+        atomic_write_text(raw_dir(name) / "SOURCE.txt", f"{kind}: {relative_to(source, Path.cwd())}\n")
     records = validate_records(records, report, skip_bad=p.data.skip_bad, progress=False)
     report.raise_if_problems(SKIP_BAD_ADVICE)
     _write(name, records)

@@ -8,18 +8,30 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from components.checkpoint import atomic_write_text, save_model
+import pandas as pd
+
+from components.checkpoint import save_model
 from components.data.datasets import Record
+from components.files import atomic_write_text
 from components.training import CheckpointSpec, seed_everything
 from components.training import train as train_model
 from pipelines.builders import build_loss, build_model, build_train_config
 from pipelines.config import Params
-from pipelines.paths import ARTIFACTS, CHECKPOINTS_DIR, MODELS_DIR, TRAIN_SUMMARY_FILE
+from pipelines.paths import (
+    ARTIFACTS,
+    CHECKPOINTS_DIR,
+    MODELS_DIR,
+    TRAIN_HISTORY_FILE,
+    TRAIN_METRICS_FILE,
+    TRAIN_SUMMARY_FILE,
+)
 from pipelines.records import load_records, manifest_hash, training_groups
-from pipelines.tracking import tracked_run
+from pipelines.tracking import begin_pipeline_run, tracked_run
 from pipelines.training_data import training_dataset
 
-__all__ = ["config_hash", "train"]
+__all__ = ["config_hash", "train", "train_group"]
+
+TIMING_KEYS = ("seconds", "resumed")  # in artifacts/train_summary.json only: they differ run to run
 
 HASHED_SECTIONS = ("seed", "setting", "data", "synthesis", "model", "loss", "train")
 
@@ -33,30 +45,43 @@ def config_hash(p: Params) -> str:
 
 def train(p: Params, progress: bool = True, resume: bool = True) -> dict[str, Any]:
     """Train every group, then replace ``artifacts/models`` and write the summary atomically."""
+    begin_pipeline_run(p)  # this execution's MLflow parent run (evaluate logs under it too)
     if p.setting.kind == "zero_shot":
         print("setting.kind=zero_shot: no training (evaluate uses setting.zero_shot_source).")
         MODELS_DIR.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(TRAIN_SUMMARY_FILE, json.dumps({"setting": "zero_shot"}))
+        _write_summaries({"setting": "zero_shot", "groups": {}}, [])
         return {}
     records = load_records(p)
     staging = ARTIFACTS / ".models.partial"
     if staging.exists():
         shutil.rmtree(staging)
-    summary: dict[str, Any] = {"groups": {}, "config_hash": config_hash(p)}
+    summary: dict[str, Any] = {"setting": p.setting.kind, "groups": {}, "config_hash": config_hash(p)}
+    history: list[dict[str, Any]] = []
     for group, recs in training_groups(p, records).items():
-        summary["groups"][group] = train_group(p, group, recs, records, staging / group, progress, resume)
+        row, group_history = train_group(p, group, recs, records, staging / group, progress, resume)
+        summary["groups"][group] = row
+        history += [{"group": group, **h} for h in group_history]
     if MODELS_DIR.exists():
         shutil.rmtree(MODELS_DIR)
     staging.rename(MODELS_DIR)
-    atomic_write_text(TRAIN_SUMMARY_FILE, json.dumps(summary, indent=2))
+    _write_summaries(summary, history)
     shutil.rmtree(CHECKPOINTS_DIR / summary["config_hash"], ignore_errors=True)
     return summary
 
 
+def _write_summaries(summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """``artifacts/train_summary.json`` (with wall times) and the versioned, deterministic
+    ``metrics/train.json`` and ``metrics/train_history.csv``."""
+    atomic_write_text(TRAIN_SUMMARY_FILE, json.dumps(summary, indent=2))
+    groups = {g: {k: v for k, v in row.items() if k not in TIMING_KEYS} for g, row in summary["groups"].items()}
+    atomic_write_text(TRAIN_METRICS_FILE, json.dumps({"setting": summary["setting"], "groups": groups}, indent=2))
+    atomic_write_text(TRAIN_HISTORY_FILE, pd.DataFrame(history).to_csv(index=False) if history else "epoch\n")
+
+
 def train_group(
     p: Params, group: str, recs: list[Record], records: list[Record], out: Path, progress: bool, resume: bool
-) -> dict[str, Any]:
-    """Train the model of one group into ``out``; return its summary row."""
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train the model of one group into ``out``; return its summary row and per-epoch history."""
     seed_everything(p.seed, p.train.deterministic)  # per group, as the official single-class loop
     model = build_model(p)
     cfg = build_train_config(p, progress)
@@ -75,7 +100,7 @@ def train_group(
     }
     checkpoints = CheckpointSpec(CHECKPOINTS_DIR / config_hash(p) / group, model_config, resume)
     tags = {"group": group, "encoder_pretrained": model.pretrained_loaded, "manifest_hash": manifest_hash(p)}
-    with tracked_run(p, "train", f"train-{group}", tags) as mlflow:
+    with tracked_run(p, "train", f"train-{group}", tags, in_pipeline=True) as mlflow:
         mlflow.log_params({"encoder_pretrained": model.pretrained_loaded, "n_train_images": len(dataset)})
 
         def on_epoch(m: dict[str, Any]) -> None:
@@ -90,7 +115,7 @@ def train_group(
         f"[{group}] {len(dataset)} images, {result['iterations']} iterations, {result['seconds']:.1f}s{resumed}; "
         f"encoder pretrained: {model.pretrained_loaded}"
     )
-    return {
+    row = {
         "images": len(dataset),
         "iterations": result["iterations"],
         "seconds": round(result["seconds"], 2),
@@ -98,3 +123,4 @@ def train_group(
         "final_loss": result["history"][-1].get("total") if result["history"] else None,
         "encoder_pretrained": model.pretrained_loaded,
     }
+    return row, result["history"]

@@ -1,0 +1,187 @@
+"""dvc.yaml declares what each stage really depends on: every module its entry point imports
+(transitively, within the project) and every params key it reads; and dvc.lock matches the code."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from pipelines.config import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = {
+    "prepare": "pipelines/stages/prepare_data.py",
+    "synthesize": "pipelines/stages/synthesis.py",
+    "train": "pipelines/stages/training.py",
+    "evaluate": "pipelines/stages/evaluation.py",
+}
+PACKAGES = ("components", "pipelines")
+
+
+def _module_file(name: str) -> Path | None:
+    base = ROOT / Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path) -> set[Path]:
+    """Project modules imported by ``path`` (``from pkg import mod`` counts ``pkg/mod.py`` too)."""
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            if name.split(".")[0] in PACKAGES and (f := _module_file(name)) is not None:
+                found.add(f)
+    return found
+
+
+def _with_parents(f: Path) -> set[Path]:
+    """``f`` and the ``__init__.py`` of every package above it (Python runs them first)."""
+    out = {f}
+    for parent in f.parents:
+        if parent == ROOT:
+            break
+        if (parent / "__init__.py").is_file():
+            out.add(parent / "__init__.py")
+    return out
+
+
+def import_closure(entry: Path) -> set[Path]:
+    """Every project module reached from ``entry``, skipping the stages package's re-export of the
+    other stages (running one stage executes none of their code)."""
+    todo, seen = [entry], {entry}
+    while todo:
+        for f in {g for imported in _imports(todo.pop()) for g in _with_parents(imported)}:
+            if f.name == "__init__.py" and f.parent.name == "stages":
+                continue  # the stages package re-exports every stage; a stage needs only its own module
+            if f not in seen:
+                seen.add(f)
+                todo.append(f)
+    return seen
+
+
+def _stages() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _covered(path: Path, deps: list[str]) -> bool:
+    rel = path.relative_to(ROOT).as_posix()
+    return any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+@pytest.mark.parametrize("stage", list(ENTRY_POINTS))
+def test_stage_deps_cover_every_imported_module(stage: str) -> None:
+    deps = [d for d in _stages()[stage]["deps"] if isinstance(d, str)]
+    closure = import_closure(ROOT / ENTRY_POINTS[stage])
+    assert len(closure) > 5
+    missing = sorted(p.relative_to(ROOT).as_posix() for p in closure if not _covered(p, deps))
+    assert not missing, f"{stage}: add to its deps in dvc.yaml: {missing}"
+
+
+class _Recorder:
+    """Wraps a params model and records the dotted keys read through it."""
+
+    def __init__(self, model: BaseModel, prefix: str, reads: set[str]) -> None:
+        self._model, self._prefix, self._reads = model, prefix, reads
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "model_dump":  # a section dumped whole is a section read whole
+            if self._prefix:
+                self._reads.add(self._prefix.rstrip("."))
+            return self._model.model_dump
+        value = getattr(self._model, name)
+        key = f"{self._prefix}{name}"
+        if isinstance(value, BaseModel):
+            return _Recorder(value, key + ".", self._reads)
+        self._reads.add(key)
+        return value
+
+
+def _declared(stage: str) -> list[str]:
+    return [str(k) for k in _stages()[stage].get("params", [])]
+
+
+def _is_declared(key: str, declared: list[str]) -> bool:
+    return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+TINY = [
+    "data.image_size=64",
+    "data.crop_size=56",
+    "data.synthetic.size=64",
+    "data.synthetic.n_train=4",
+    "data.synthetic.n_test_good=1",
+    "data.synthetic.n_test_per_defect=1",
+    "data.synthetic.categories=[brick]",
+    "synthesis.bank_copies=1",
+    "model.encoder_overrides={embed_dim: 32, num_heads: 2}",
+    "model.seg_head_channels=8",
+    "train.epochs=1",
+    "train.batch_size=4",
+    "eval.resize=64",
+    "eval.grid_images=1",
+    "tracking.enabled=false",
+]
+
+
+def test_stage_params_cover_every_key_read(tmp_path, monkeypatch) -> None:
+    from pipelines import stages
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    p: Params = load_params("params.yaml", TINY)
+    runs = {
+        "prepare": lambda q: stages.prepare(q),
+        "synthesize": lambda q: stages.synthesize(q, progress=False),
+        "train": lambda q: stages.train(q, progress=False),
+        "evaluate": lambda q: stages.evaluate(q, progress=False),
+    }
+    undeclared = {}
+    for stage, run in runs.items():
+        reads: set[str] = set()
+        run(_Recorder(p, "", reads))
+        assert reads, stage
+        missing = sorted(k for k in reads if not _is_declared(k, _declared(stage)))
+        if missing:
+            undeclared[stage] = missing
+    assert not undeclared, f"add to the stages' params in dvc.yaml: {undeclared}"
+
+
+@pytest.mark.slow
+def test_committed_lock_matches_the_code(tmp_path) -> None:
+    """`dvc status` on a copy of the repository: the committed dvc.lock names the current code."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp_path / rel)
+    dvc = Path(sys.executable).parent / "dvc"
+    out = subprocess.run([str(dvc), "status", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    status = yaml.safe_load(out.stdout or "{}") or {}
+    code_changes = {
+        stage: [c for c in changes if isinstance(c, dict) and "changed deps" in c] for stage, changes in status.items()
+    }
+    stale = {
+        stage: [
+            d for c in cs for d, why in c["changed deps"].items() if why == "modified" and not d.startswith("data/")
+        ]
+        for stage, cs in code_changes.items()
+    }
+    assert not any(stale.values()), f"dvc.lock is stale (run `make demo` and commit dvc.lock): {stale}"
