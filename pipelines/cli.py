@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, help="trials to run in this process (default sweep.n_trials)")
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes on the same study")
+    p.add_argument(
+        "--apply", action="store_true", help="run the best params as a DVC experiment (full training), then stop"
+    )
+    p.add_argument("--name", dest="exp_name", help="experiment name for --apply (default: <study>-best)")
     p = sub.add_parser("pipeline", help="run the Prefect pipeline flow once (DVC stages as tasks)")
     _common(p)
     p = sub.add_parser("serve", help="serve the Prefect pipeline flow with a cron schedule")
@@ -103,8 +107,10 @@ def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
     elif args.command == "evaluate":
         stages.evaluate(params, progress=progress)
     elif args.command == "sweep":
-        from pipelines.sweep import run_sweep  # optuna: imported only by the commands that need it
+        from pipelines.sweep import apply_best, run_sweep  # optuna: imported only by the commands that need it
 
+        if args.apply:
+            return apply_best(params, args.params, args.exp_name)
         run_sweep(params, args.params, args.overrides, args.n_trials, args.timeout, args.workers, progress)
     elif args.command == "pipeline":
         from pipelines.flows import pipeline  # prefect: imported only by the commands that need it

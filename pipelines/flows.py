@@ -1,13 +1,19 @@
-"""Prefect flows: the DVC stages as tasks, scheduled reruns, and a metrics table artifact.
+"""Prefect flows: the DVC pipeline as stage-named tasks, scheduled reruns that rerun only what changed,
+runs with overrides as DVC experiments, and a metrics table artifact.
 
 prefect is imported at module top: this module is only imported by the commands that run flows.
 
-One direction of control: Prefect → DVC → plain ``inpformer`` commands. Each task runs
-``dvc repro --single-item <stage>`` under a workspace file lock (DVC allows one command per
-workspace), streams its output into the Prefect logs and retries the I/O stages. Flow parameters
-(``overrides``) are written into params.yaml the way ``dvc exp run -S`` does (comments kept) and
-the finished run is saved as a DVC experiment (``dvc exp save``), so a rerun from the UI with other
-values is a DVC experiment; params.yaml is restored afterwards.
+One direction of control: Prefect → DVC → plain ``inpformer`` commands, one DVC command per workspace
+at a time (a file lock), output streamed into the Prefect logs.
+
+* **Scheduled / plain runs** ask ``dvc status`` first. Nothing changed (no new or changed image in
+  ``sources/``, no code or params change): the run ends in a ``Completed`` state named ``NoChange``
+  with a markdown artifact saying so; the old metrics are not republished as a new result.
+  Otherwise each changed stage runs as its own task (named after the stage).
+* **Runs with overrides** (``["loss.gamma=2"]``, e.g. from the Prefect UI) are
+  ``dvc exp run --temp -S ...``: a DVC experiment in a temporary copy of the workspace, saved as an
+  experiment ref; the workspace's params.yaml, dvc.lock and metrics are never touched. The
+  experiment's metrics are published from ``dvc exp show``.
 """
 
 from __future__ import annotations
@@ -21,23 +27,26 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from ruamel.yaml import YAML
+from prefect.states import Completed
 
 from components.metrics import METRIC_KEYS
-from pipelines.config import load_params, set_dotted
-from pipelines.paths import EVAL_RUN_FILE, METRICS_FILE, SWEEP_DIR
+from pipelines.config import load_params
+from pipelines.paths import EVAL_RUN_FILE, METRICS_FILE, PIPELINE_RUN_FILE, SWEEP_DIR
 from pipelines.sweep import PARENT_ENV, WORKER_ENV, open_study, worker_shares, write_results
 from pipelines.sweep_objective import cached_validation_split
-from pipelines.tracking import tracked_run
+from pipelines.tracking import TRACKING_ROOT_ENV, tracked_run
 
-__all__ = ["STAGES", "pipeline", "serve"]
+__all__ = ["NO_CHANGE", "STAGES", "changed_stages", "pipeline", "serve", "sweep_flow"]
 
 STAGES = ("prepare", "synthesize", "train", "evaluate")
+IO_STAGES = ("prepare", "synthesize")  # retried: downloads and file systems fail transiently
+IO_RETRY_DELAYS_S = [5, 30]
 METRIC_COLUMNS = METRIC_KEYS  # the metrics.json keys, in table order
+NO_CHANGE = "NoChange"  # the final state name of a run that found nothing to do
 
 
 @contextlib.contextmanager
@@ -58,10 +67,10 @@ def _dvc() -> str:
     return str(local) if local.exists() else (shutil.which("dvc") or "dvc")
 
 
-def run_command(cmd: list[str], root: Path) -> None:
+def run_command(cmd: list[str], root: Path, extra_env: dict[str, str] | None = None) -> None:
     """Run a command in ``root``, streaming its output to the Prefect logger; raise on failure."""
     logger = get_run_logger()
-    env = dict(os.environ)
+    env = dict(os.environ, **(extra_env or {}))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     logger.info("$ %s", " ".join(cmd))
     with workspace_lock(root):
@@ -77,83 +86,110 @@ def run_command(cmd: list[str], root: Path) -> None:
         raise RuntimeError(msg)
 
 
-@task(name="dvc-stage-io", retries=2, retry_delay_seconds=[5, 30])
-def io_stage(stage: str, root: str) -> str:
-    """An I/O stage (prepare, synthesize): retried on failure."""
+def _command(cmd: list[str], root: Path) -> str:
+    """Run a short command in ``root`` and return its output (raise with it on failure)."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        msg = f"{' '.join(cmd)} exited with {proc.returncode}: {proc.stderr[-2000:]}"
+        raise RuntimeError(msg)
+    return proc.stdout
+
+
+@task(name="check-changes")
+def changed_stages(root: str) -> list[str]:
+    """The stages of dvc.yaml that ``dvc status`` reports as changed, in pipeline order."""
+    with workspace_lock(Path(root)):
+        status = json.loads(_command([_dvc(), "status", "--json"], Path(root)) or "{}")
+    changed = {name.rsplit(":", 1)[-1] for name in status}
+    return [stage for stage in STAGES if stage in changed]
+
+
+def stage_task(stage: str):
+    """The task running one DVC stage, named after it; I/O stages retry, compute stages resume instead."""
+    options: dict[str, Any] = {"name": stage, "task_run_name": stage}
+    if stage in IO_STAGES:
+        options.update(retries=len(IO_RETRY_DELAYS_S), retry_delay_seconds=IO_RETRY_DELAYS_S)
+    return _run_stage.with_options(**options)
+
+
+@task
+def _run_stage(stage: str, root: str) -> str:
     run_command([_dvc(), "repro", "--single-item", stage], Path(root))
     return stage
 
 
-@task(name="dvc-stage")
-def compute_stage(stage: str, root: str) -> str:
-    """A compute stage (train, evaluate): resumes from checkpoints if rerun, so no blind retries."""
-    run_command([_dvc(), "repro", "--single-item", stage], Path(root))
-    return stage
+@task(name="dvc-experiment", task_run_name="experiment {name}")
+def run_experiment(overrides: list[str], name: str, root: str) -> dict[str, Any]:
+    """``dvc exp run --temp -n NAME -S ...``; return the experiment's metrics from ``dvc exp show``."""
+    load_params(Path(root) / "params.yaml", overrides)  # reject bad overrides before DVC starts
+    cmd = [_dvc(), "exp", "run", "--temp", "-n", name] + [x for o in overrides for x in ("-S", o)]
+    run_command(cmd, Path(root), {TRACKING_ROOT_ENV: root})  # MLflow runs of the temporary copy land here
+    with workspace_lock(Path(root)):
+        show = json.loads(_command([_dvc(), "exp", "show", "--json"], Path(root)))
+    for entry in show:
+        for exp in entry.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") == name:
+                    files = (rev.get("data") or {}).get("metrics") or {}
+                    return (files.get(str(METRICS_FILE)) or {}).get("data") or {}
+    msg = f"experiment {name} finished but `dvc exp show` does not list it."
+    raise RuntimeError(msg)
 
 
-@task(name="apply-params")
-def apply_params(overrides: list[str], root: str) -> str:
-    """Write ``KEY=VALUE`` overrides into params.yaml (comments kept); return the backup path."""
-    path = Path(root) / "params.yaml"
-    backup = path.with_name(".params.yaml.flow-backup")
-    shutil.copyfile(path, backup)
-    load_params(path, overrides)  # validate before touching the file
-    ry = YAML()
-    ry.preserve_quotes = True
-    tree = ry.load(path.read_text())
-    for item in overrides:
-        key, raw = item.split("=", 1)
-        set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    with open(path, "w") as fh:
-        ry.dump(tree, fh)
-    return str(backup)
-
-
-@task(name="save-experiment")
-def save_experiment(name: str | None, root: str) -> None:
-    """Record the workspace (params, lock, metrics) as a DVC experiment."""
-    cmd = [_dvc(), "exp", "save", "-f"] + (["-n", name] if name else [])
-    run_command(cmd, Path(root))
+def _mlflow_link(run_id: str) -> str:
+    ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    return f"{ui}/#/runs/{run_id}" if run_id else "(tracking disabled)"
 
 
 @task(name="publish-metrics")
-def publish_metrics(root: str) -> dict:
+def publish_metrics(metrics: dict[str, Any], title: str, run_id: str = "") -> dict[str, Any]:
     """Table artifact of the metrics (percent) with a link to the MLflow run."""
-    root_p = Path(root)
-    metrics = json.loads((root_p / METRICS_FILE).read_text())
     rows = []
     for cat, vals in [*metrics["categories"].items(), ("mean", metrics["mean"])]:
         rows.append({"category": cat, **{k: round(100 * float(vals[k]), 2) for k in METRIC_COLUMNS if k in vals}})
-    run_file = root_p / EVAL_RUN_FILE
-    run_id = json.loads(run_file.read_text()).get("run_id", "") if run_file.is_file() else ""
-    ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
-    link = f"{ui}/#/runs/{run_id}" if run_id else "(tracking disabled)"
-    create_table_artifact(key="inpformer-metrics", table=rows, description=f"Metrics (%); MLflow run: {link}")
-    create_markdown_artifact(key="inpformer-mlflow-run", markdown=f"[MLflow run {run_id}]({link})")
+    link = _mlflow_link(run_id)
+    create_table_artifact(key="inpformer-metrics", table=rows, description=f"{title}. Metrics (%); MLflow run: {link}")
+    create_markdown_artifact(key="inpformer-mlflow-run", markdown=f"{title}: [MLflow run {run_id}]({link})")
     return {"rows": rows, "mlflow_run": link}
 
 
+def _workspace_metrics(root: Path) -> tuple[dict[str, Any], str]:
+    metrics = json.loads((root / METRICS_FILE).read_text())
+    run_id = ""
+    for record in (root / PIPELINE_RUN_FILE, root / EVAL_RUN_FILE):
+        if record.is_file():
+            run_id = json.loads(record.read_text()).get("run_id", "") or run_id
+            break
+    return metrics, run_id
+
+
 @flow(name="inpformer-pipeline", log_prints=True)
-def pipeline(overrides: list[str] | None = None, experiment_name: str | None = None, root: str = ".") -> dict:
-    """Run prepare → synthesize → train → evaluate as tasks; publish the metrics table.
+def pipeline(overrides: list[str] | None = None, experiment_name: str | None = None, root: str = ".") -> Any:
+    """Rerun what changed (or nothing), or run ``overrides`` as a DVC experiment; publish the metrics.
 
     Args:
-        overrides: ``KEY=VALUE`` params overrides (as ``dvc exp run -S``); the run is saved as a DVC
-            experiment named ``experiment_name``.
-        experiment_name: name of the saved DVC experiment (with overrides).
+        overrides: ``KEY=VALUE`` params overrides (as ``dvc exp run -S``); the run becomes the DVC
+            experiment ``experiment_name`` (default: a name from the overrides) and the workspace
+            is left as it is.
+        experiment_name: name of the DVC experiment (with overrides).
         root: the project workspace.
     """
     root = str(Path(root).resolve())
-    backup = apply_params(list(overrides), root) if overrides else None
-    try:
-        for stage in STAGES:
-            (io_stage if stage in ("prepare", "synthesize") else compute_stage)(stage, root)
-        if backup:
-            save_experiment(experiment_name, root)
-        return publish_metrics(root)
-    finally:
-        if backup:
-            shutil.move(backup, Path(root) / "params.yaml")
+    if overrides:
+        name = experiment_name or "prefect-" + "-".join(o.replace("=", "_").replace(".", "_") for o in overrides)[:60]
+        metrics = run_experiment(list(overrides), name, root)
+        return publish_metrics(metrics, f"DVC experiment {name} ({', '.join(overrides)})")
+    changed = changed_stages(root)
+    if not changed:
+        note = "No stage changed since the last run (no new or changed source images, code or params): nothing ran."
+        create_markdown_artifact(key="inpformer-no-change", markdown=note)
+        return Completed(name=NO_CHANGE, message=note)
+    print(f"Changed: {', '.join(changed)}; rerunning from there.")
+    for stage in STAGES:
+        stage_task(stage)(stage, root)  # DVC skips the unchanged ones
+    metrics, run_id = _workspace_metrics(Path(root))
+    return publish_metrics(metrics, f"Pipeline rerun ({', '.join(changed)} changed)", run_id)
 
 
 def serve(cron: str = "0 2 * * *", name: str = "nightly") -> None:

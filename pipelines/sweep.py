@@ -11,8 +11,11 @@
   (:func:`pipelines.training_data.training_dataset`); the encoder-feature cache makes every epoch
   of every trial skip the frozen encoder.
 * optuna is imported at module top: this module is only imported by the sweep commands.
-* Results: ``artifacts/sweep/best_params.yaml`` (valid params), the ``dvc exp run -S`` command,
+* Results: ``artifacts/sweep/best_params.yaml`` (the searched keys only, as ``KEY: value``), the
+  ``dvc exp run -S`` command that applies them at full training length (``inpformer sweep
+  --apply`` runs it: a DVC experiment, logged to MLflow and registered through the champion gate),
   and PNGs of the optimisation history, parallel coordinates and parameter importances.
+* One progress line per finished trial.
 """
 
 from __future__ import annotations
@@ -44,7 +47,19 @@ import matplotlib.pyplot as plt
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["open_study", "run_sweep", "run_worker", "worker_shares", "write_results"]
+__all__ = [
+    "BEST_PARAMS_FILE",
+    "ProgressCallback",
+    "apply_best",
+    "apply_command",
+    "open_study",
+    "run_sweep",
+    "run_worker",
+    "worker_shares",
+    "write_results",
+]
+
+BEST_PARAMS_FILE = SWEEP_DIR / "best_params.yaml"
 
 WORKER_ENV = "INPFORMER_SWEEP_WORKER"  # the worker's index (offsets the sampler seed)
 PARENT_ENV = "INPFORMER_SWEEP_PARENT_RUN"  # set in worker processes: the MLflow parent run
@@ -92,8 +107,26 @@ def run_worker(run: SweepRun, n_trials: int, timeout: float | None, parent_run_i
     study = open_study(run.params, run.pruner)
     train_recs, val = cached_validation_split(run.params)
     objective = build_objective(run, train_recs, val)
-    callback = MlflowTrialCallback(run.params, parent_run_id)
-    study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=[callback], catch=CAUGHT_ERRORS)
+    callbacks = [MlflowTrialCallback(run.params, parent_run_id), ProgressCallback(n_trials, run.params.sweep.metric)]
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=callbacks, catch=CAUGHT_ERRORS)
+
+
+class ProgressCallback:
+    """One line per finished trial: state, value, params, duration, best so far."""
+
+    def __init__(self, n_trials: int, metric: str) -> None:
+        self.n_trials, self.metric, self.done = n_trials, metric, 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.done += 1
+        value = f"{self.metric}={trial.value:.4f}" if trial.value is not None else trial.state.name.lower()
+        took = trial.duration.total_seconds() if trial.duration else float("nan")
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        try:
+            best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
+        except ValueError:  # no complete trial yet
+            best = "no complete trial yet"
+        print(f"[trial {trial.number}, {self.done}/{self.n_trials} here] {value} ({params}) in {took:.1f}s; {best}")
 
 
 def worker_shares(n_trials: int, workers: int) -> list[int]:
@@ -184,18 +217,45 @@ def write_results(p: Params, params_path: str, overrides: list[str]) -> dict[str
         return summary
     best = study.best_trial
     best_overrides = list(best.user_attrs.get("overrides", []))
-    best_params = load_params(params_path, [*overrides, *best_overrides])
-    best_yaml = yaml.safe_dump(best_params.model_dump(mode="json"), sort_keys=False)
-    atomic_write_text(SWEEP_DIR / "best_params.yaml", best_yaml)
-    command = "dvc exp run " + " ".join(f"-S '{o}'" for o in best_overrides)
-    atomic_write_text(SWEEP_DIR / "best_command.txt", command + "\n")
-    summary.update(best_value=best.value, best_params=best.params, best_trial=best.number, command=command)
+    load_params(params_path, [*overrides, *best_overrides])  # the applied experiment must validate
+    header = (
+        f"# Best of study '{p.sweep.study}': {p.sweep.metric} = {best.value:.6g} (trial {best.number}, "
+        f"{p.sweep.objective_split} split).\n# The searched keys only; apply at full training length with:\n"
+        "#   inpformer sweep --apply\n"
+    )
+    atomic_write_text(BEST_PARAMS_FILE, header + yaml.safe_dump(dict(best.params), sort_keys=True))
+    command = apply_command(best.params, f"{p.sweep.study}-best")
+    atomic_write_text(SWEEP_DIR / "best_command.txt", " ".join(command) + "\n")
+    summary.update(best_value=best.value, best_params=best.params, best_trial=best.number, command=" ".join(command))
     atomic_write_text(SWEEP_DIR / "summary.json", json.dumps(summary, indent=2, default=str))
     _plots(study)
     print(f"Best {p.sweep.metric} = {best.value:.4f} (trial {best.number}): {best.params}")
-    print(f"Trials: {summary['states']}. Apply with:\n  {command}")
+    print(
+        f"Trials: {summary['states']}. Apply at full length with `inpformer sweep --apply`, i.e.:\n  {' '.join(command)}"
+    )
     print(f"Dashboard: optuna-dashboard {p.sweep.storage} --host 127.0.0.1 --port 8081")
     return summary
+
+
+def apply_command(best: dict[str, Any], name: str) -> list[str]:
+    """``dvc exp run -n NAME -S KEY=VALUE ...``: the best values on top of params.yaml as it is."""
+    sets = [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in sorted(best.items())]
+    return ["dvc", "exp", "run", "-n", name] + [x for s in sets for x in ("-S", s)]
+
+
+def apply_best(p: Params, params_path: str, name: str | None = None) -> int:
+    """Run the best params as a DVC experiment (train → evaluate → register through the champion gate)."""
+    if not BEST_PARAMS_FILE.is_file():
+        msg = f"{BEST_PARAMS_FILE} not found: run `inpformer sweep` first."
+        raise FileNotFoundError(msg)
+    best = yaml.safe_load(BEST_PARAMS_FILE.read_text()) or {}
+    command = apply_command(best, name or f"{p.sweep.study}-best")
+    load_params(params_path, [c for c in command[5:] if c != "-S"])  # validate before DVC starts
+    dvc = Path(sys.executable).parent / "dvc"
+    if dvc.exists():
+        command[0] = str(dvc)
+    print("$ " + " ".join(command))
+    return subprocess.run(command, check=False).returncode
 
 
 def _plots(study: optuna.Study) -> None:

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MODEL_PACKAGE_FILE",
     "PIPELINE_STAGE",
+    "TRACKING_ROOT_ENV",
     "MlflowTrialCallback",
     "begin_pipeline_run",
     "git_commit",
@@ -57,6 +58,7 @@ PARAMS_PER_CALL = 100  # MLflow's limit on params per log_params call
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the MLflow UI opens an experiment on this kind's view
 EXPERIMENT_KIND = "custom_model_development"  # (not the GenAI view)
 PIPELINE_STAGE = "pipeline"  # the stage tag of the parent run of one pipeline execution
+TRACKING_ROOT_ENV = "INPFORMER_TRACKING_ROOT"  # relative tracking paths resolve here (temporary exp copies)
 COMPLETION_METRIC = "mad"  # a parent run with this metric is complete: the next execution begins a new one
 
 
@@ -96,13 +98,15 @@ def safe_metric_name(name: str) -> str:
 def _mlflow(p: Params):
     import mlflow  # heavy; see the module docstring
 
+    root = Path(os.environ.get(TRACKING_ROOT_ENV, "."))
     uri = p.tracking.uri
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
+        db = root / uri[len("sqlite:///") :]  # an absolute path stays absolute
         db.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{db.resolve()}"
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(p.tracking.experiment) is None:
-        location = Path(p.tracking.artifact_location).resolve()
+        location = (root / p.tracking.artifact_location).resolve()
         location.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(Exception):  # another process may have created it meanwhile
             mlflow.create_experiment(

@@ -181,6 +181,8 @@ def test_user_journey_repro_experiments_compare_sweep_survives(dvc_project) -> N
     _cli(sweep, proj, env)
     before = sorted(p.name for p in (proj / "artifacts" / "sweep").iterdir())
     assert "optuna.db" in before and "best_params.yaml" in before
+    applied = _cli(["sweep", "--apply", "--name", "best"], proj, env)  # tuned → a DVC experiment
+    assert "dvc exp run -n best -S loss.gamma=" in applied.stdout
 
     ran = _stage_runs(_run([dvc, "exp", "run", "-n", "m4", "-S", "model.num_prototypes=4"], proj, env).stdout)
     assert ran == {"train", "evaluate"}
@@ -189,9 +191,9 @@ def test_user_journey_repro_experiments_compare_sweep_survives(dvc_project) -> N
 
     show = json.loads(_run([dvc, "exp", "show", "--json"], proj, env).stdout)
     mads = _mad_by_experiment(show)
-    for name in ("m4", "g1"):
+    for name in ("best", "m4", "g1"):
         assert isinstance(mads.get(name), float) and math.isfinite(mads[name]), mads
-    baseline = [v for k, v in mads.items() if k not in ("m4", "g1", "workspace")]
+    baseline = [v for k, v in mads.items() if k not in ("best", "m4", "g1", "workspace")]
     assert baseline and all(isinstance(v, float) and math.isfinite(v) for v in baseline), mads
     diff = json.loads(_run([dvc, "metrics", "diff", "--json"], proj, env).stdout)
     assert "mean.mad" in diff["metrics/metrics.json"]  # the workspace (g1) against the baseline commit
@@ -209,7 +211,7 @@ def test_user_journey_repro_experiments_compare_sweep_survives(dvc_project) -> N
     out = subprocess.run([sys.executable, "-c", code], cwd=proj, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     rows = {r[0]: r for r in json.loads(out.stdout.splitlines()[-1])}
-    assert {"m4", "g1"} <= set(rows) and len(rows) == 3, rows  # one row per execution: baseline + 2
+    assert {"best", "m4", "g1"} <= set(rows) and len(rows) == 4, rows  # one row per execution: baseline + 3
     assert rows["m4"][1] == "m4" and rows["m4"][2] == "4" and rows["g1"][3] == "1.0"
     assert all(isinstance(r[4], float) and math.isfinite(r[4]) for r in rows.values())  # params and mAD side by side
     assert rows["m4"][4] == pytest.approx(mads["m4"]) and rows["g1"][4] == pytest.approx(mads["g1"])
@@ -224,45 +226,3 @@ def test_moved_workspace_is_up_to_date(tmp_path_factory) -> None:
     assert "up to date" in status.lower(), status
     again = _run([str(BIN / "dvc"), "repro"], moved, env).stdout
     assert not _stage_runs(again), again
-
-
-# -- Prefect ---------------------------------------------------------------------------------------
-def test_prefect_flow_runs_stages_and_publishes_artifact(tmp_path, monkeypatch) -> None:
-    from prefect.testing.utilities import prefect_test_harness
-
-    import pipelines.flows as flows
-
-    ran: list[list[str]] = []
-
-    def fake_run(cmd: list[str], root: Path) -> None:
-        ran.append(cmd[1:])
-        if cmd[-1] == "evaluate":
-            (root / "artifacts").mkdir(exist_ok=True)
-            vals = {k: 0.5 for k in flows.METRIC_COLUMNS}
-            (root / "metrics").mkdir(exist_ok=True)
-            (root / "metrics" / "metrics.json").write_text(json.dumps({"mean": vals, "categories": {"a": vals}}))
-            (root / "artifacts" / "eval_run.json").write_text(json.dumps({"run_id": "abc123"}))
-
-    monkeypatch.setattr(flows, "run_command", fake_run)
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    original = (tmp_path / "params.yaml").read_text()
-    with prefect_test_harness():
-        result = flows.pipeline(overrides=["loss.gamma=2.5"], experiment_name="ui-rerun", root=str(tmp_path))
-        assert [c[-1] for c in ran if c[0] == "repro"] == list(flows.STAGES)
-        assert ["exp", "save", "-f", "-n", "ui-rerun"] in ran
-        assert result["rows"][-1]["category"] == "mean" and result["rows"][-1]["mad"] == 50.0
-        assert "abc123" in result["mlflow_run"]
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-        async def _read():
-            async with get_client() as client:
-                return await client.read_artifacts(
-                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["inpformer-metrics"]))
-                )
-
-        import asyncio
-
-        arts = asyncio.run(_read())
-        assert arts and arts[0].type == "table"
-    assert (tmp_path / "params.yaml").read_text() == original  # overrides were temporary

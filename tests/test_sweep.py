@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import wsgiref.util
 from pathlib import Path
 
 import optuna
@@ -69,15 +71,33 @@ def test_two_workers_share_one_study_exactly(project) -> None:
     assert len(numbers) == 3 and sorted(numbers) == [0, 1, 2]
     assert all(t.state.is_finished() for t in study.trials)
     assert summary["trials"] == 3
-    best = load_params(project / "artifacts" / "sweep" / "best_params.yaml")  # valid params
-    chosen = yaml.safe_load((project / "artifacts" / "sweep" / "best_params.yaml").read_text())
-    assert (
-        best.model.num_prototypes
-        == chosen["model"]["num_prototypes"]
-        == study.best_trial.params["model.num_prototypes"]
-    )
-    assert (project / "artifacts" / "sweep" / "best_command.txt").read_text().startswith("dvc exp run -S")
+    best = yaml.safe_load((project / "artifacts" / "sweep" / "best_params.yaml").read_text())
+    assert set(best) == {"model.num_prototypes", "loss.gamma", "loss.lam"}  # the searched keys only
+    assert best == study.best_trial.params  # not train.epochs=1 etc.: applying trains at full length
+    command = (project / "artifacts" / "sweep" / "best_command.txt").read_text()
+    assert command.startswith("dvc exp run -n inpformer-sweep-best -S loss.gamma=") and "epochs" not in command
     assert (project / "artifacts" / "sweep" / "optimization_history.png").is_file()
+    load_params("params.yaml", [f"{k}={v}" for k, v in best.items()])  # the applied params validate
+
+
+def test_progress_line_per_trial_and_dashboard_reads_the_study(project, capsys) -> None:
+    from optuna_dashboard import wsgi
+
+    from pipelines.sweep import run_sweep
+
+    over = [*TINY, "train.epochs=1", "sweep.pruner=none"]
+    p = load_params("params.yaml", over)
+    run_sweep(p, "params.yaml", over, n_trials=2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[trial ")]
+    assert len(lines) == 2 and "mad=" in lines[0] and "1/2 here" in lines[0] and "best " in lines[1]
+    app = wsgi(p.sweep.storage)  # what `optuna-dashboard <storage>` serves, without a server
+    environ: dict = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/studies", "QUERY_STRING": ""}
+    wsgiref.util.setup_testing_defaults(environ)
+    status = []
+    body = b"".join(app(environ, lambda s, h, exc_info=None: status.append(s)))
+    assert status[0].startswith("200")
+    studies = json.loads(body)["study_summaries"]
+    assert [s["study_name"] for s in studies] == [p.sweep.study] and studies[0]["directions"] == ["maximize"]
 
 
 def test_validation_split_is_not_the_test_set(project) -> None:
