@@ -32,8 +32,8 @@ rm -f .dvc/tmp/rwlock .dvc/tmp/lock  # a SIGKILLed dvc leaves its lock behind
 dvc repro 2>&1 | grep -E "Resumed|Running stage|resumed" || true
 echo "--- uninterrupted (A) ---"; cat "$work/A/artifacts/eval/metrics.md"
 echo "--- killed + resumed (B) ---"; cat "$work/B/artifacts/eval/metrics.md"
-if cmp -s <(python3 -c "import json;print(json.load(open('$work/A/artifacts/metrics.json')))") \
-          <(python3 -c "import json;print(json.load(open('$work/B/artifacts/metrics.json')))"); then
+if cmp -s <(python3 -c "import json;print(json.load(open('$work/A/metrics/metrics.json')))") \
+          <(python3 -c "import json;print(json.load(open('$work/B/metrics/metrics.json')))"); then
   echo "IDENTICAL metrics.json"
 else
   echo "metrics differ"; exit 1

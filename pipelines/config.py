@@ -10,11 +10,12 @@ validated the same way. A missing or empty params file is an error, never "all d
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.constants import (
     AMP_MODES,
@@ -29,7 +30,20 @@ from components.constants import (
     SEG_HEAD_LAYOUTS,
 )
 
-__all__ = ["ConfigError", "Params", "apply_overrides", "flatten", "load_params", "set_dotted"]
+__all__ = ["ConfigError", "Params", "apply_overrides", "check_slug", "flatten", "load_params", "set_dotted"]
+
+SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # names that become folder names: no separators
+
+
+def check_slug(value: str) -> str:
+    """A name that becomes a folder (dataset, study): letters, digits, ``_ . -``; never ``..`` or a path."""
+    if not SLUG.fullmatch(value) or ".." in value:
+        msg = f"{value!r} is not a safe name: use letters, digits, '_', '.', '-' (no '/', no '..', at most 100)"
+        raise ValueError(msg)
+    return value
+
+
+Slug = Annotated[str, AfterValidator(check_slug)]
 
 SETTING_KINDS = ("single_class", "multi_class", "super_multi_class", "few_shot", "semi_supervised", "zero_shot")
 
@@ -66,9 +80,9 @@ class DataParams(_Strict):
     """Where images come from and how they are shaped."""
 
     dataset: Literal[DATASET_KINDS] = "mvtec"  # type: ignore[valid-type]
-    name: str = "mvtec"
+    name: Slug = "mvtec"
     source: str = ""  # --from: an archive or folder for air-gapped machines
-    extra_sources: list[str] = Field(default_factory=list)  # more prepared names (super-multi-class)
+    extra_sources: list[Slug] = Field(default_factory=list)  # more prepared names (super-multi-class)
     categories: list[str] = Field(default_factory=list)
     image_size: int = Field(448, ge=14)
     crop_size: int = Field(392, ge=14)
@@ -208,7 +222,7 @@ class TrackingParams(_Strict):
 class SweepParams(_Strict):
     """Optuna sweeps (M, γ, λ, ...)."""
 
-    study: str = "inpformer-sweep"
+    study: Slug = "inpformer-sweep"
     storage: str = "sqlite:///artifacts/sweep/optuna.db"
     n_trials: int = Field(20, ge=1)
     timeout_s: float | None = None

@@ -18,6 +18,7 @@ __all__ = [
     "METRICS_FILE",
     "MODELS_DIR",
     "PIPELINE_RUN_FILE",
+    "SOURCES_DIR",
     "SWEEP_DIR",
     "TRAIN_HISTORY_FILE",
     "TRAIN_METRICS_FILE",
@@ -48,6 +49,7 @@ CURVES_DIR = METRICS_DIR / "curves"  # roc/, pr/, pro/: one CSV per category
 EVAL_RUN_FILE = ARTIFACTS / "eval_run.json"
 PIPELINE_RUN_FILE = ARTIFACTS / "pipeline_run.json"  # the MLflow parent run of the latest execution
 SWEEP_DIR = ARTIFACTS / "sweep"
+SOURCES_DIR = Path("sources")  # a dependency of the prepare stage: source folders and archives go here
 
 
 def manifest_path(name: str) -> Path:

@@ -157,3 +157,29 @@ def test_cli_rejects_bad_params_before_any_work(tmp_path) -> None:
     assert proc.returncode == 2
     assert "model.num_prototypes" in proc.stderr
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/x", "a/b", "..", "", "x..y", ".hidden"])
+def test_names_that_become_paths_are_rejected(tmp_path, name: str) -> None:
+    for key in ("data.name", "sweep.study", "data.extra_sources"):
+        value = f"[{name!r}]" if key == "data.extra_sources" else repr(name)
+        with pytest.raises(ConfigError, match="not a safe name"):
+            load_params(ROOT / "params.yaml", [f"{key}={value}"])
+
+
+def test_cli_prepare_rejects_an_unsafe_name_before_writing(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "keep.txt").write_text("mine")
+    work = tmp_path / "ws"
+    work.mkdir()
+    shutil.copy(ROOT / "params.yaml", work / "params.yaml")
+    for args in (["prepare", "--name", "../../outside"], ["synthesize", "--set", "data.name=../../outside"]):
+        cmd = [sys.executable, "-m", "pipelines.cli", *args]
+        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "not a safe name" in proc.stderr, proc.stderr
+    assert (tmp_path / "outside" / "keep.txt").read_text() == "mine"
+    assert not (work / "data").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from components.data.datasets import Record, write_manifest
@@ -17,9 +18,11 @@ from components.data.readers import (
 )
 from components.data.synthetic import generate_synthetic
 from components.files import atomic_write_text
-from pipelines.config import Params
-from pipelines.paths import manifest_path, raw_dir, relative_to
+from pipelines.config import Params, check_slug
+from pipelines.paths import SOURCES_DIR, manifest_path, raw_dir, relative_to
 from pipelines.reporting import count_table, format_table
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["prepare", "prepare_textures"]
 
@@ -31,10 +34,18 @@ SKIP_BAD_ADVICE = "Fix or remove the files listed above, or set data.skip_bad: t
 def prepare(p: Params, source: str | None = None, dataset: str | None = None, name: str | None = None) -> Path:
     """Index a dataset into ``data/prepared/<name>/manifest.csv`` (paths relative to it); return the manifest."""
     kind = dataset or p.data.dataset
-    name = name or p.data.name
+    name = check_slug(name) if name else p.data.name
     source = source if source is not None else p.data.source
     if kind == "dtd":  # the texture source of the pseudo anomalies, not a dataset to index
         return prepare_textures(source)
+    if source and not Path(source).resolve().is_relative_to(SOURCES_DIR.resolve()):
+        logger.warning(
+            "data.source %s is outside %s/: DVC cannot see new or changed images there, so `dvc repro` and "
+            "scheduled runs will not prepare again by themselves. Put (or copy) it under %s/.",
+            source,
+            SOURCES_DIR,
+            SOURCES_DIR,
+        )
     report = ScanReport()
     records = _scan(p, kind, name, source, report)
     raw_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out even when the images stay where they are
