@@ -17,6 +17,7 @@ __all__ = [
     "POS_EMBED_INTERPOLATIONS",
     "RESIDUAL_MODES",
     "SEG_HEAD_LAYOUTS",
+    "check_choice",
 ]
 
 PATCH_SIZE = 14  # DINOv2 ViT-*/14
@@ -30,3 +31,10 @@ RESIDUAL_MODES = ("joint", "two_stage", "off")  # residual learning of the head 
 AMP_MODES = ("none", "bf16")
 # The dataset kinds `inpformer prepare` understands (`dtd` textures are prepared separately).
 DATASET_KINDS = ("synthetic", "folder", "flat", "mvtec", "visa", "realiad", "mpdd", "btad")
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the argument and its allowed values unless ``value`` is one of them."""
+    if value not in allowed:
+        msg = f"{name} must be one of {allowed}, got {value!r}."
+        raise ValueError(msg)

@@ -24,7 +24,7 @@ from components.anomaly_map import (
     postprocess,
     reconstruction_map,
 )
-from components.constants import FUSED_L2_NORMS, MAP_KINDS
+from components.constants import FUSED_L2_NORMS, MAP_KINDS, check_choice
 from components.data import batch as keys
 
 __all__ = ["MAP_KINDS", "InferenceResult", "ScoringConfig", "predict", "score_batch"]
@@ -52,12 +52,8 @@ class ScoringConfig:
     fused_l2_norm: str = "none"
 
     def __post_init__(self) -> None:
-        if self.map_kind not in MAP_KINDS:
-            msg = f"map_kind must be one of {MAP_KINDS}, got {self.map_kind!r}."
-            raise ValueError(msg)
-        if self.fused_l2_norm not in FUSED_L2_NORMS:
-            msg = f"fused_l2_norm must be one of {FUSED_L2_NORMS}, got {self.fused_l2_norm!r}."
-            raise ValueError(msg)
+        check_choice("map_kind", self.map_kind, MAP_KINDS)
+        check_choice("fused_l2_norm", self.fused_l2_norm, FUSED_L2_NORMS)
 
     def to_json(self) -> str:
         """The settings as a JSON object."""

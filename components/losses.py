@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.constants import COHERENCE_KINDS, MSE_REDUCTIONS
+from components.constants import COHERENCE_KINDS, MSE_REDUCTIONS, check_choice
 
 __all__ = [
     "COHERENCE_KINDS",
@@ -124,9 +124,7 @@ class SoftMiningLoss(nn.Module):
         if gamma < 0:
             msg = f"gamma must be >= 0, got {gamma}."
             raise ValueError(msg)
-        if mse_reduction not in MSE_REDUCTIONS:
-            msg = f"mse_reduction must be one of {MSE_REDUCTIONS}, got {mse_reduction!r}."
-            raise ValueError(msg)
+        check_choice("mse_reduction", mse_reduction, MSE_REDUCTIONS)
         self.gamma = float(gamma)
         self.mse_weight = float(mse_weight)
         self.mse_gamma = float(gamma if mse_gamma is None else mse_gamma)
@@ -215,9 +213,7 @@ class NormalPatternLoss(nn.Module):
         mse_reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if coherence not in COHERENCE_KINDS:
-            msg = f"coherence must be one of {COHERENCE_KINDS}, got {coherence!r}."
-            raise ValueError(msg)
+        check_choice("coherence", coherence, COHERENCE_KINDS)
         self.lam = float(lam)
         self.mining = SoftMiningLoss(gamma, mse_weight, mse_gamma, mse_reduction)
         self.coherence = HardCoherenceLoss() if coherence == "hard" else SoftCoherenceLoss(soft_temperature)

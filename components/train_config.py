@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.constants import AMP_MODES, RESIDUAL_MODES
+from components.constants import AMP_MODES, RESIDUAL_MODES, check_choice
 
 __all__ = ["AMP_MODES", "RESIDUAL_MODES", "CheckpointSpec", "TrainConfig", "TrainState", "seed_everything"]
 
@@ -55,12 +55,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.residual_mode not in RESIDUAL_MODES:
-            msg = f"residual_mode must be one of {RESIDUAL_MODES}, got {self.residual_mode!r}."
-            raise ValueError(msg)
-        if self.amp not in AMP_MODES:
-            msg = f"amp must be one of {AMP_MODES}, got {self.amp!r}."
-            raise ValueError(msg)
+        check_choice("residual_mode", self.residual_mode, RESIDUAL_MODES)
+        check_choice("amp", self.amp, AMP_MODES)
         if self.epochs < 1 or self.batch_size < 1:
             msg = f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}."
             raise ValueError(msg)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.constants import PATCH_SIZE, POS_EMBED_INTERPOLATIONS
+from components.constants import PATCH_SIZE, POS_EMBED_INTERPOLATIONS, check_choice
 from components.model.weights import ENCODER_VARIANTS, resolve_encoder_name
 
 __all__ = ["PATCH_SIZE", "FrozenDinoEncoder"]
@@ -54,9 +54,7 @@ class FrozenDinoEncoder(nn.Module):
         super().__init__()
         self.variant_key = resolve_encoder_name(name)
         self.variant = ENCODER_VARIANTS[self.variant_key]
-        if pos_embed_interp not in POS_EMBED_INTERPOLATIONS:
-            msg = f"pos_embed_interp must be one of {POS_EMBED_INTERPOLATIONS}, got {pos_embed_interp!r}."
-            raise ValueError(msg)
+        check_choice("pos_embed_interp", pos_embed_interp, POS_EMBED_INTERPOLATIONS)
         self.vit = timm.create_model(
             self.variant.timm_name,
             pretrained=False,
