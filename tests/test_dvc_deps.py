@@ -172,6 +172,7 @@ def test_committed_lock_matches_the_code(tmp_path) -> None:
         if src.is_file():
             (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, tmp_path / rel)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)  # DVC wants a git repository
     dvc = Path(sys.executable).parent / "dvc"
     out = subprocess.run([str(dvc), "status", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     status = yaml.safe_load(out.stdout or "{}") or {}
