@@ -57,13 +57,32 @@ def _artifact(key: str):
     return asyncio.run(read())
 
 
+def _deployment_run(name: str, parameters: dict, cron: str | None = None):
+    """Serve ``pipeline`` as deployment ``name`` (a Runner, as `inpformer serve` does), trigger one run
+    of it like the UI or the schedule would, let the runner execute it, and return its final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runner import Runner
+
+    from pipelines import flows
+
+    runner = Runner(name=f"runner-{name}")
+    runner.add_flow(flows.pipeline, name=name, cron=cron, parameters={"root": parameters["root"]})
+    flow_run = run_deployment(f"inpformer-pipeline/{name}", parameters=parameters, timeout=0)
+    asyncio.run(runner.start(run_once=True))
+
+    async def final_state():
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run.id)).state
+
+    return asyncio.run(final_state())
+
+
 def _train_images(proj: Path) -> int:
     return json.loads((proj / "metrics" / "train.json").read_text())["groups"]["all"]["images"]
 
 
 def test_scheduled_reruns_and_a_deployment_run_with_overrides(tmp_path, monkeypatch) -> None:
-    from prefect.deployments import run_deployment
-    from prefect.runner import Runner
     from prefect.testing.utilities import prefect_test_harness
 
     from pipelines import flows
@@ -71,43 +90,33 @@ def test_scheduled_reruns_and_a_deployment_run_with_overrides(tmp_path, monkeypa
     proj, env = _folder_project(tmp_path)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    nightly = {"root": str(proj)}
     with prefect_test_harness():
-        first = flows.pipeline(root=str(proj), return_state=True)  # what the cron schedule starts
+        first = flows.pipeline(root=str(proj), return_state=True)  # the first build
         assert first.is_completed() and first.name != flows.NO_CHANGE
         assert _train_images(proj) == 8
         _run(["git", "add", "-A"], proj, env)
         _run(["git", "commit", "-qm", "baseline"], proj, env)
         assert _artifact("inpformer-metrics") is not None
 
-        idle = flows.pipeline(root=str(proj), return_state=True)
-        assert idle.is_completed() and idle.name == flows.NO_CHANGE  # nothing republished as a new result
+        idle = _deployment_run("nightly", nightly, cron="0 2 * * *")  # the scheduled deployment, nothing new
+        assert idle.is_completed() and idle.name == flows.NO_CHANGE, idle  # nothing republished as a result
         assert "nothing ran" in _artifact("inpformer-no-change").data
 
         good = proj / "sources" / "parts" / "brick" / "train" / "good"
         rng = np.random.default_rng(1)
         for i in range(3):  # three new normal images arrive on the line
             Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(good / f"new_{i}.png")
-        again = flows.pipeline(root=str(proj), return_state=True)
-        assert again.is_completed() and again.name != flows.NO_CHANGE
+        again = _deployment_run("nightly", nightly, cron="0 2 * * *")
+        assert again.is_completed() and again.name != flows.NO_CHANGE, again
         assert _train_images(proj) == 11  # prepared and retrained with them
         _run(["git", "add", "-A"], proj, env)
         _run(["git", "commit", "-qm", "new images"], proj, env)
 
         params_before = (proj / "params.yaml").read_bytes()
         lock_before = (proj / "dvc.lock").read_bytes()
-        runner = Runner(name="test-runner")
-        runner.add_flow(flows.pipeline, name="manual", parameters={"root": str(proj)})
         params = {"overrides": ["loss.gamma=2.0"], "experiment_name": "ui-g2", "root": str(proj)}
-        flow_run = run_deployment("inpformer-pipeline/manual", parameters=params, timeout=0)
-        asyncio.run(runner.start(run_once=True))  # a worker-like process executes the scheduled run
-
-        async def final_state():
-            from prefect.client.orchestration import get_client
-
-            async with get_client() as client:
-                return (await client.read_flow_run(flow_run.id)).state
-
-        state = asyncio.run(final_state())
+        state = _deployment_run("manual", params)  # a run started from the UI with overrides
         assert state.is_completed(), state
         assert (proj / "params.yaml").read_bytes() == params_before  # the workspace is untouched
         assert (proj / "dvc.lock").read_bytes() == lock_before
