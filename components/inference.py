@@ -8,8 +8,7 @@ stored next to a registered model as JSON and read back from there.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,10 +53,6 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         check_choice("map_kind", self.map_kind, MAP_KINDS)
         check_choice("fused_l2_norm", self.fused_l2_norm, FUSED_L2_NORMS)
-
-    def to_json(self) -> str:
-        """The settings as a JSON object."""
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoringConfig:

@@ -35,7 +35,7 @@ from prefect.states import Completed
 
 from components.metrics import METRIC_KEYS
 from pipelines.config import load_params
-from pipelines.paths import EVAL_RUN_FILE, METRICS_FILE, PIPELINE_RUN_FILE, SWEEP_DIR
+from pipelines.paths import METRICS_FILE, PIPELINE_RUN_FILE, SWEEP_DIR
 from pipelines.sweep import PARENT_ENV, WORKER_ENV, open_study, worker_shares, write_results
 from pipelines.sweep_objective import cached_validation_split
 from pipelines.tracking import TRACKING_ROOT_ENV, tracked_run
@@ -155,12 +155,10 @@ def publish_metrics(metrics: dict[str, Any], title: str, run_id: str = "") -> di
 
 
 def _workspace_metrics(root: Path) -> tuple[dict[str, Any], str]:
+    """The workspace's metrics and the MLflow parent run of the execution that wrote them."""
     metrics = json.loads((root / METRICS_FILE).read_text())
-    run_id = ""
-    for record in (root / PIPELINE_RUN_FILE, root / EVAL_RUN_FILE):
-        if record.is_file():
-            run_id = json.loads(record.read_text()).get("run_id", "") or run_id
-            break
+    record = root / PIPELINE_RUN_FILE
+    run_id = json.loads(record.read_text()).get("run_id", "") if record.is_file() else ""
     return metrics, run_id
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from components.checkpoint import load_model
-from components.data.datasets import ImageDataset, Record
+from components.data.datasets import ImageDataset
 from components.files import atomic_write_text
 from components.inference import InferenceResult, ScoringConfig, predict
 from components.metrics import METRIC_KEYS, evaluate_arrays
@@ -48,6 +48,7 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
     """Write ``metrics/metrics.json``, ``metrics/curves/`` and ``artifacts/eval/`` (CSV, Markdown,
     thresholds, plots); log to MLflow and register the models."""
     device = resolve_device(p.train.device)
+    tf = build_transform(p)
     records = load_records(p)
     test = evaluation_records(p, records)
     cats = list(dict.fromkeys(r.category for r in test))
@@ -61,8 +62,8 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
         ev.scoring[group] = build_scoring(p, model.seg_head is not None)
         ev.pretrained[group] = bool(mcfg.get("encoder_pretrained", False))
         for cat in group_cats:
-            recs = [r for r in test if r.category == cat]
-            _evaluate_category(p, model, ev.scoring[group], ev, recs, staging / "plots", progress)
+            ds = ImageDataset([r for r in test if r.category == cat], tf)
+            _evaluate_category(p, model, ev.scoring[group], ev, ds, device, staging / "plots", progress)
     metrics = {"mean": ev.mean(), "categories": ev.per_category}
     _write_reports(staging, ev)
     _replace(staging / "curves", CURVES_DIR)
@@ -94,13 +95,19 @@ def _model_for(p: Params, group: str, device: str):
 
 
 def _evaluate_category(
-    p: Params, model: Any, scoring: ScoringConfig, ev: Evaluation, recs: list[Record], plots_dir: Path, progress: bool
+    p: Params,
+    model: Any,
+    scoring: ScoringConfig,
+    ev: Evaluation,
+    ds: ImageDataset,
+    device: str,
+    plots_dir: Path,
+    progress: bool,
 ) -> InferenceResult:
     """Score one category's test images; store its metrics and thresholds in ``ev``; plot."""
+    recs = ds.records
     cat = recs[0].category
     e = p.eval
-    ds = ImageDataset(recs, build_transform(p))
-    device = resolve_device(p.train.device)
     res = predict(model, ds, scoring, e.batch_size, device, p.data.num_workers, progress)
     has_masks = res.masks is not None and any(r.mask_path for r in recs)
     maps, masks = (res.maps, res.masks) if has_masks else (None, None)
