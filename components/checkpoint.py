@@ -10,12 +10,21 @@ Layout of a checkpoint folder::
 A folder of training checkpoints holds ``ckpt-<iteration>/`` sub-folders and a ``LATEST`` file naming
 the newest complete one; it is replaced atomically only after every file of the new checkpoint is
 written, so an interrupted save never leaves a checkpoint that the next run trusts.
+
+Every folder also holds ``digest.json`` (size and SHA-256 of each file, written last). Loading
+verifies it; a damaged latest training checkpoint is skipped, with one warning naming the file, for
+the previous intact one or a fresh start (:func:`latest_checkpoint`), and a damaged model folder
+raises :class:`CheckpointError` naming the file and the fix. Folders from before digests are checked
+structurally (safetensors header against the file size, JSON that parses).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import struct
 import random
 import shutil
 import tempfile
@@ -26,11 +35,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.files import atomic_write_text
+from components.files import DEFAULT_DIR_MODE, atomic_write_text, current_umask
 from components.model import InpFormer, InpFormerConfig
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "DIGEST_FILE",
+    "CheckpointError",
     "atomic_write_text",
+    "checkpoint_problem",
     "latest_checkpoint",
     "load_model",
     "load_train_state",
@@ -39,7 +53,90 @@ __all__ = [
     "save_model",
     "save_train_checkpoint",
     "set_rng_state",
+    "write_digest",
 ]
+
+DIGEST_FILE = "digest.json"
+MODEL_FILES = ("model.safetensors", "config.json")
+TRAIN_FILES = (*MODEL_FILES, "train_state.safetensors", "train_state.json")
+HEADER_LENGTH_BYTES = 8  # a safetensors file starts with the little-endian u64 length of its JSON header
+HASH_BLOCK = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A model or checkpoint folder is incomplete or damaged; the message names the file and the fix."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(HASH_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_digest(folder: str | os.PathLike, files: tuple[str, ...]) -> None:
+    """Record the size and SHA-256 of ``files`` in ``folder/digest.json`` (written atomically, last)."""
+    folder = Path(folder)
+    entries = {f: {"size": (folder / f).stat().st_size, "sha256": _sha256(folder / f)} for f in files}
+    atomic_write_text(folder / DIGEST_FILE, json.dumps(entries, indent=2, sort_keys=True))
+
+
+def _structure_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors/JSON file (None when it looks whole)."""
+    size = path.stat().st_size
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            return f"not valid JSON ({err})"
+        return None
+    with open(path, "rb") as fh:
+        head = fh.read(HEADER_LENGTH_BYTES)
+        if len(head) < HEADER_LENGTH_BYTES:
+            return f"{size} bytes, shorter than a safetensors header"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - HEADER_LENGTH_BYTES:
+            return f"header length {n} exceeds the file size {size}"
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError) as err:
+            return f"unreadable safetensors header ({err})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    expected = HEADER_LENGTH_BYTES + n + max(ends, default=0)
+    return None if expected == size else f"{size} bytes, the header says {expected}"
+
+
+def checkpoint_problem(folder: str | os.PathLike, files: tuple[str, ...] = MODEL_FILES) -> str | None:
+    """What is wrong with a model/checkpoint ``folder`` (naming the file), or None when it is intact.
+
+    With ``digest.json``: every file's size and SHA-256. Without (older folders): structure only.
+    """
+    folder = Path(folder)
+    for f in files:
+        if not (folder / f).is_file():
+            return f"{folder / f} is missing"
+    digest_path = folder / DIGEST_FILE
+    if digest_path.is_file():
+        try:
+            digest = json.loads(digest_path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return f"{digest_path} is not valid JSON"
+        for f in files:
+            entry = digest.get(f)
+            if entry is None:
+                return f"{folder / f} is not recorded in {digest_path}"
+            size = (folder / f).stat().st_size
+            if size != entry["size"]:
+                return f"{folder / f} has {size} bytes, {entry['size']} were written"
+            if _sha256(folder / f) != entry["sha256"]:
+                return f"{folder / f} does not match the SHA-256 recorded when it was written"
+        return None
+    for f in files:
+        why = _structure_problem(folder / f)
+        if why is not None:
+            return f"{folder / f}: {why}"
+    return None
 
 
 def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,9 +148,11 @@ def save_model(folder: str | os.PathLike, model: torch.nn.Module, config: dict[s
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    os.chmod(tmp, DEFAULT_DIR_MODE & ~current_umask())  # as a plain mkdir would (shared remotes)
     try:
         save_file(_contiguous_cpu(model.state_dict()), str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        write_digest(tmp, MODEL_FILES)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -75,6 +174,10 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
         if not p.is_file():
             msg = f"{p} is missing: {folder} is not a complete model folder (re-run training)."
             raise FileNotFoundError(msg)
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        msg = f"{problem}: the model folder {folder} is damaged. Re-create it by training again (`dvc repro`)."
+        raise CheckpointError(msg)
     config = json.loads(cfg_path.read_text())
     model = InpFormer.from_config(InpFormerConfig.from_dict(config["model"]))
     model.load_state_dict(load_file(str(weights_path)), strict=True)
@@ -138,6 +241,7 @@ def save_train_checkpoint(
     save_file(_contiguous_cpu({**opt_tensors, **rng_tensors}), str(target / "train_state.safetensors"))
     state = {"progress": progress, "optimizer": opt_meta, "rng": rng_meta}
     (target / "train_state.json").write_text(json.dumps(state, default=str))
+    write_digest(target, TRAIN_FILES)
     atomic_write_text(folder / "LATEST", name)
     old = sorted(p for p in folder.glob("ckpt-*") if p.is_dir() and p.name != name)
     for p in old[: max(len(old) - (keep - 1), 0)]:
@@ -146,13 +250,22 @@ def save_train_checkpoint(
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The checkpoint LATEST points at, or None when there is no complete one."""
-    latest = Path(folder) / "LATEST"
+    """The newest intact checkpoint: the one LATEST points at, else the newest older one that
+    verifies (:func:`checkpoint_problem`), else None (a fresh start). Skipping a damaged one logs one
+    warning naming the file."""
+    folder = Path(folder)
+    latest = folder / "LATEST"
     if not latest.is_file():
         return None
-    target = Path(folder) / latest.read_text().strip()
-    needed = ("model.safetensors", "config.json", "train_state.safetensors", "train_state.json")
-    return target if all((target / f).is_file() for f in needed) else None
+    newest = folder / latest.read_text().strip()
+    older = sorted((p for p in folder.glob("ckpt-*") if p.is_dir() and p.name < newest.name), reverse=True)
+    for target in [newest, *older]:
+        problem = checkpoint_problem(target, TRAIN_FILES)
+        if problem is None:
+            return target
+        fallback = next((p.name for p in older if p.name < target.name), "a fresh start")
+        logger.warning("checkpoint damaged: %s; resuming from %s instead.", problem, fallback)
+    return None
 
 
 def read_progress(target: str | os.PathLike) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AMP_MODES",
+    "CACHE_VERIFY_MODES",
     "COHERENCE_KINDS",
     "DATASET_KINDS",
     "FUSED_L2_NORMS",
@@ -29,6 +30,7 @@ MAP_KINDS = ("reconstruction", "fused", "inp_distance")  # anomaly maps (spec §
 FUSED_L2_NORMS = ("none", "channel_rms", "relative")  # scaling of the fused map's L2 term
 RESIDUAL_MODES = ("joint", "two_stage", "off")  # residual learning of the head (spec §13.9)
 AMP_MODES = ("none", "bf16")
+CACHE_VERIFY_MODES = ("full", "size")  # feature cache: digest on the first open in a process, or size + header
 # The dataset kinds `inpformer prepare` understands (`dtd` textures are prepared separately).
 DATASET_KINDS = ("synthetic", "folder", "flat", "mvtec", "visa", "realiad", "mpdd", "btad")
 

@@ -7,7 +7,10 @@ exactly what :meth:`InpFormer.forward_features` consumes — are stored once as 
 
 The key hashes the image bytes, the transform sizes, the encoder's weights, taps and groups: any
 change gives a new folder, never a stale read. A cache is written under ``<key>.partial`` and
-renamed when complete. Where inputs change every epoch (on-the-fly synthesis, few-shot
+renamed when complete. ``done.json`` records the array's shape, byte size and BLAKE2 digest; opening
+a cache always checks the size and the ``.npy`` header, and the first open in a process (a new run)
+also the digest unless ``verify="size"``. A damaged cache is rebuilt, with a warning naming the
+file. Where inputs change every epoch (on-the-fly synthesis, few-shot
 augmentation) :class:`CachedFeatureDataset` falls back to the encoder for those inputs only.
 """
 
@@ -15,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +31,37 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from components.constants import CACHE_VERIFY_MODES, check_choice
 from components.data import batch as keys
 from components.data.datasets import ImageDataset
 from components.data.io import read_mask, read_rgb
 
-__all__ = ["ENCODE_BATCH", "CachedFeatureDataset", "FeatureCache", "cached_dataset", "encoder_fingerprint"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CACHE_VERIFY_MODES",
+    "ENCODE_BATCH",
+    "CacheSettings",
+    "CachedFeatureDataset",
+    "FeatureCache",
+    "cached_dataset",
+    "encoder_fingerprint",
+]
 
 ENCODE_BATCH = 16  # images per batch of the one-off encoder pass
+_VERIFIED: set[str] = set()  # caches whose digest this process has checked
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """How a cache is built and checked: encoder device, progress bar, ``verify`` (:data:`CACHE_VERIFY_MODES`)."""
+
+    device: str = "cpu"
+    progress: bool = False
+    verify: str = "full"
+
+    def __post_init__(self) -> None:
+        check_choice("verify", self.verify, CACHE_VERIFY_MODES)
 
 
 def encoder_fingerprint(model: Any) -> str:
@@ -47,7 +76,7 @@ def encoder_fingerprint(model: Any) -> str:
     return h.hexdigest()
 
 
-def _file_digest(path: str) -> bytes:
+def _file_digest(path: str | os.PathLike) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -64,7 +93,7 @@ class FeatureCache:
         paths: the image files, in dataset order.
         load: ``path → normalised 3×C×C tensor`` (the dataset's transform).
         transform_key: anything identifying the transform (sizes).
-        device: for the one-off encoder pass (batches of :data:`ENCODE_BATCH`).
+        settings: device of the one-off encoder pass (batches of :data:`ENCODE_BATCH`), progress, verify.
         fingerprint: :func:`encoder_fingerprint` of ``model`` when already computed.
     """
 
@@ -75,8 +104,7 @@ class FeatureCache:
         paths: Sequence[str],
         load: Any,
         transform_key: Any,
-        device: str = "cpu",
-        progress: bool = False,
+        settings: CacheSettings = CacheSettings(),
         fingerprint: str | None = None,
     ) -> None:
         h = hashlib.sha256((fingerprint or encoder_fingerprint(model)).encode())
@@ -86,10 +114,37 @@ class FeatureCache:
         self.key = h.hexdigest()[:20]
         self.dir = Path(folder) / self.key
         self.built = False
-        if not (self.dir / "done.json").is_file():
-            self._build(model, list(paths), load, device, progress)
+        problem = self.problem(len(paths), settings.verify == "full" and self.key not in _VERIFIED)
+        if problem is not None:
+            if problem != "not built yet":
+                logger.warning("feature cache damaged: %s; rebuilding it.", problem)
+            self._build(model, list(paths), load, settings.device, settings.progress)
             self.built = True
+        _VERIFIED.add(self.key)
         self.array = np.load(self.dir / "features.npy", mmap_mode="r")
+
+    def problem(self, n: int, full: bool) -> str | None:
+        """What is wrong with the cache on disk (naming the file), or None when it is intact."""
+        done, file = self.dir / "done.json", self.dir / "features.npy"
+        if not done.is_file():
+            return "not built yet"
+        try:
+            record = json.loads(done.read_text())
+            size, digest, shape = int(record["size"]), str(record["blake2b"]), tuple(record["shape"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return f"{done} records no size and digest"
+        if not file.is_file() or file.stat().st_size != size:
+            return f"{file} has {file.stat().st_size if file.is_file() else 0} bytes, {size} were written"
+        try:
+            header = np.load(file, mmap_mode="r")
+        except (ValueError, OSError) as err:
+            return f"{file}: unreadable .npy header ({err})"
+        if header.shape != shape or header.dtype != np.float16 or shape[0] != n:
+            return f"{file}: array {header.shape} {header.dtype}, expected {shape} float16 for {n} images"
+        del header
+        if full and _file_digest(file).hex() != digest:
+            return f"{file} does not match the digest recorded when it was built"
+        return None
 
     def _build(self, model: Any, paths: list[str], load: Any, device: str, progress: bool) -> None:
         batch_size = ENCODE_BATCH
@@ -112,8 +167,12 @@ class FeatureCache:
         if arr is None:
             raise ValueError("feature cache: no images to encode.")
         arr.flush()
+        shape = list(arr.shape)
         del arr
-        (tmp / "done.json").write_text(json.dumps({"n": len(paths), "paths": paths[:5]}))
+        file = tmp / "features.npy"
+        record = {"n": len(paths), "paths": paths[:5], "shape": shape, "size": file.stat().st_size}
+        record["blake2b"] = _file_digest(file).hex()
+        (tmp / "done.json").write_text(json.dumps(record))
         if self.dir.exists():
             shutil.rmtree(self.dir)
         os.replace(tmp, self.dir)
@@ -167,7 +226,12 @@ class CachedFeatureDataset(Dataset):
         return item
 
 
-def cached_dataset(model: Any, dataset: ImageDataset, folder: str | os.PathLike, device: str, progress: bool = False):
+def cached_dataset(
+    model: Any,
+    dataset: ImageDataset,
+    folder: str | os.PathLike,
+    settings: CacheSettings = CacheSettings(),
+):
     """Wrap ``dataset`` so the frozen encoder runs once per image (and bank entry), not per epoch.
 
     Caches live under ``folder/<key>/``; the encoder is hashed once for both caches.
@@ -184,12 +248,10 @@ def cached_dataset(model: Any, dataset: ImageDataset, folder: str | os.PathLike,
     key = (tf.resize, tf.crop)
     fp = encoder_fingerprint(model)
     paths = [r.path for r in dataset.records]
-    normal = FeatureCache(folder, model, paths, load, key, device=device, progress=progress, fingerprint=fp)
+    normal = FeatureCache(folder, model, paths, load, key, settings, fp)
     bank, copies = None, 0
     if dataset.bank is not None:
         copies = len(dataset.bank[0])
         flat = [img for entries in dataset.bank for img, _ in entries]
-        bank = FeatureCache(
-            folder, model, flat, load_bank, ("bank", *key), device=device, progress=progress, fingerprint=fp
-        )
+        bank = FeatureCache(folder, model, flat, load_bank, ("bank", *key), settings, fp)
     return CachedFeatureDataset(dataset, normal, bank, copies)

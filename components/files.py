@@ -6,7 +6,17 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_text"]
+__all__ = ["DEFAULT_DIR_MODE", "DEFAULT_FILE_MODE", "atomic_write_text", "current_umask"]
+
+DEFAULT_FILE_MODE = 0o666  # what open() creates, before the umask (mkstemp creates 0600)
+DEFAULT_DIR_MODE = 0o777  # what mkdir() creates, before the umask (mkdtemp creates 0700)
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than the call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -19,6 +29,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, DEFAULT_FILE_MODE & ~current_umask())  # as a plain open() would (shared remotes)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -81,3 +81,4 @@ class CheckpointSpec:
     folder: Path
     model_config: dict[str, Any] = field(default_factory=dict)
     resume: bool = True
+    keep: int = 2  # checkpoints kept: a damaged newest one falls back to the one before

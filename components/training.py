@@ -261,7 +261,9 @@ def run_epoch(
 
 
 def _save(phase: _Phase, state: TrainState, checkpoints: CheckpointSpec) -> None:
-    save_train_checkpoint(checkpoints.folder, phase.model, checkpoints.model_config, phase.optimizer, asdict(state))
+    save_train_checkpoint(
+        checkpoints.folder, phase.model, checkpoints.model_config, phase.optimizer, asdict(state), checkpoints.keep
+    )
 
 
 def _autocast(amp: str, device: torch.device):

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from components.constants import (
     AMP_MODES,
+    CACHE_VERIFY_MODES,
     COHERENCE_KINDS,
     DATASET_KINDS,
     FUSED_L2_NORMS,
@@ -179,8 +180,10 @@ class TrainParams(_Strict):
     device: str = "auto"
     amp: Literal[AMP_MODES] = "none"  # type: ignore[valid-type]
     checkpoint_every: int = Field(1000, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)  # a damaged newest checkpoint falls back to an older one
     deterministic: bool = True
     feature_cache: bool = False  # cache the frozen encoder's outputs (fp16, memory-mapped) across epochs
+    feature_cache_verify: Literal[CACHE_VERIFY_MODES] = "full"  # type: ignore[valid-type]
 
     @field_validator("device")
     @classmethod

@@ -16,7 +16,7 @@ from components.data.cache import ImageCache
 from components.data.datasets import ImageDataset, Record
 from components.data.fewshot import FewShotDataset, select_shots
 from components.data.semi import SemiSupervisedDataset
-from components.feature_cache import cached_dataset
+from components.feature_cache import CacheSettings, cached_dataset
 from pipelines.builders import build_synthesizer, build_transform, residual_mode
 from pipelines.config import Params
 from pipelines.paths import FEATURE_CACHE_DIR, IMAGE_CACHE_DIR
@@ -41,5 +41,6 @@ def training_dataset(
     if kind == "semi_supervised":
         return SemiSupervisedDataset(dataset, semi_supervised_anomalies(p, all_records), tf, seed=p.seed)
     if p.train.feature_cache:
-        return cached_dataset(model, dataset, FEATURE_CACHE_DIR, device, progress)
+        settings = CacheSettings(device, progress, p.train.feature_cache_verify)
+        return cached_dataset(model, dataset, FEATURE_CACHE_DIR, settings)
     return dataset

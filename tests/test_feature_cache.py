@@ -13,7 +13,7 @@ from components.data.readers import mvtec_records
 from components.data.synthesis import PseudoAnomalySynthesizer, TextureBank
 from components.data.synthetic import generate_synthetic
 from components.data.transforms import ImageTransform
-from components.feature_cache import CachedFeatureDataset, FeatureCache, cached_dataset
+from components.feature_cache import CachedFeatureDataset, CacheSettings, FeatureCache, cached_dataset
 from components.losses import DiceLoss, NormalPatternLoss
 from components.training import TrainConfig, seed_everything, train
 
@@ -105,7 +105,7 @@ def test_cached_dataset_wraps_images_and_bank(small_data, tmp_path) -> None:
     recs, tf, bank = small_data
     torch.manual_seed(0)
     model = tiny_model(image_size=56)
-    ds = cached_dataset(model, ImageDataset(recs, tf, bank=bank), tmp_path, "cpu")
+    ds = cached_dataset(model, ImageDataset(recs, tf, bank=bank), tmp_path, CacheSettings("cpu"))
     assert isinstance(ds, CachedFeatureDataset) and len(ds) == len(recs) and ds.copies == 2
     ds.set_epoch(1)
     item = ds[3]

@@ -88,7 +88,7 @@ def test_checkpoints_are_safetensors_and_json(tmp_path) -> None:
     _run(tmp_path, _cfg(epochs=1))
     ck = latest_checkpoint(tmp_path / "ckpt")
     files = sorted(p.name for p in ck.iterdir())
-    assert files == ["config.json", "model.safetensors", "train_state.json", "train_state.safetensors"]
+    assert files == ["config.json", "digest.json", "model.safetensors", "train_state.json", "train_state.safetensors"]
     state = json.loads((ck / "train_state.json").read_text())
     assert state["progress"]["epoch"] == 1 and state["progress"]["global_iteration"] == 2
     for f in ck.glob("*.safetensors"):  # safetensors: u64 header length, JSON header, raw tensors
@@ -107,6 +107,9 @@ def test_incomplete_checkpoint_is_not_trusted(tmp_path) -> None:
     _run(tmp_path, _cfg(epochs=1))
     ck = latest_checkpoint(tmp_path / "ckpt")
     (ck / "train_state.safetensors").unlink()  # a crash mid-write
+    older = latest_checkpoint(tmp_path / "ckpt")  # the one before (train.keep_checkpoints = 2)
+    assert older is not None and older.name < ck.name
+    (older / "train_state.safetensors").unlink()
     assert latest_checkpoint(tmp_path / "ckpt") is None
 
 

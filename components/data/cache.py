@@ -2,12 +2,15 @@
 
 Small-data epochs are otherwise dominated by PNG/JPEG decoding and antialiased resizing. The key
 is a BLAKE2 hash of the file bytes plus the transform's sizes, so an edited image or a new size
-never reads a stale entry; entries are written atomically.
+never reads a stale entry; entries are written atomically and end with a BLAKE2 digest of their
+bytes, so a damaged entry (truncated, zeroed, overwritten) is recomputed with a warning, never read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -16,7 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from components.files import DEFAULT_FILE_MODE, current_umask
+
+logger = logging.getLogger(__name__)
+
 __all__ = ["ImageCache"]
+
+DIGEST_BYTES = 16  # BLAKE2b digest appended to each entry
 
 
 class ImageCache:
@@ -42,18 +51,27 @@ class ImageCache:
         key = self.key(path, transform)
         file = self.folder / key[:2] / f"{key}.npy"
         if file.is_file():
+            raw = file.read_bytes()
+            body, digest = raw[:-DIGEST_BYTES], raw[-DIGEST_BYTES:]
             try:
-                arr = np.load(file, allow_pickle=False)
+                if hashlib.blake2b(body, digest_size=DIGEST_BYTES).digest() != digest:
+                    raise ValueError("digest mismatch")
+                arr = np.load(io.BytesIO(body), allow_pickle=False)
                 self.hits += 1
                 return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
-            except (OSError, ValueError):
-                file.unlink(missing_ok=True)  # corrupt entry: recompute
+            except (OSError, ValueError) as err:
+                logger.warning("image cache entry %s is damaged (%s); recomputing it.", file, err)
+                file.unlink(missing_ok=True)
         unit = compute()
         arr = (unit.permute(1, 2, 0).numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
         file.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, arr, allow_pickle=False)
+        body = buffer.getvalue()
         fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".npy.tmp")
         with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
+            fh.write(body + hashlib.blake2b(body, digest_size=DIGEST_BYTES).digest())
+        os.chmod(tmp, DEFAULT_FILE_MODE & ~current_umask())
         os.replace(tmp, file)
         self.misses += 1
         return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)

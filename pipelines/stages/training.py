@@ -98,7 +98,9 @@ def train_group(
         "image_size": p.data.image_size,
         "crop_size": p.data.crop_size,
     }
-    checkpoints = CheckpointSpec(CHECKPOINTS_DIR / config_hash(p) / group, model_config, resume)
+    checkpoints = CheckpointSpec(
+        CHECKPOINTS_DIR / config_hash(p) / group, model_config, resume, p.train.keep_checkpoints
+    )
     tags = {"group": group, "encoder_pretrained": model.pretrained_loaded, "manifest_hash": manifest_hash(p)}
     with tracked_run(p, "train", f"train-{group}", tags, in_pipeline=True) as mlflow:
         mlflow.log_params({"encoder_pretrained": model.pretrained_loaded, "n_train_images": len(dataset)})
