@@ -24,9 +24,9 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import random
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -148,7 +148,7 @@ def save_model(folder: str | os.PathLike, model: torch.nn.Module, config: dict[s
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    os.chmod(tmp, DEFAULT_DIR_MODE & ~current_umask())  # as a plain mkdir would (shared remotes)
+    tmp.chmod(DEFAULT_DIR_MODE & ~current_umask())  # as a plain mkdir would (shared remotes)
     try:
         save_file(_contiguous_cpu(model.state_dict()), str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))

@@ -29,7 +29,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, DEFAULT_FILE_MODE & ~current_umask())  # as a plain open() would (shared remotes)
+        Path(tmp).chmod(DEFAULT_FILE_MODE & ~current_umask())  # as a plain open() would (shared remotes)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

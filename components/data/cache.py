@@ -71,7 +71,7 @@ class ImageCache:
         fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".npy.tmp")
         with os.fdopen(fd, "wb") as fh:
             fh.write(body + hashlib.blake2b(body, digest_size=DIGEST_BYTES).digest())
-        os.chmod(tmp, DEFAULT_FILE_MODE & ~current_umask())
+        Path(tmp).chmod(DEFAULT_FILE_MODE & ~current_umask())
         os.replace(tmp, file)
         self.misses += 1
         return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
