@@ -252,10 +252,10 @@ def run_epoch(
     means.update(epoch=epoch + 1, phase=phase.name)
     state.history.append(means)
     state.epoch, state.batch = epoch + 1, 0
+    if on_epoch is not None:  # before the checkpoint: a crash in between re-logs this epoch, never skips it
+        on_epoch(means)
     if checkpoints:
         _save(phase, state, checkpoints)
-    if on_epoch is not None:
-        on_epoch(means)
     logger.info("%s epoch %d/%d: %s", phase.name, epoch + 1, phase.epochs, _fmt(means))
     return means
 

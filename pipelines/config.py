@@ -220,6 +220,7 @@ class TrackingParams(_Strict):
     experiment: str = "inpformer"
     registered_model: str = "inpformer"
     log_model: bool = True
+    required: bool = False  # true: a tracking error stops the stage; false: it warns and the work goes on
 
 
 class SweepParams(_Strict):

@@ -14,7 +14,7 @@ from PIL import Image
 from components.checkpoint import load_model
 from components.data.transforms import ImageTransform
 from components.inference import ScoringConfig, score_batch
-from pipelines.tracking import MODEL_PACKAGE_FILE
+from pipelines.registry import MODEL_PACKAGE_FILE
 
 __all__ = ["InpFormerPyfunc"]
 

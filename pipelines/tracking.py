@@ -33,26 +33,23 @@ from typing import Any
 from components.files import atomic_write_text
 from pipelines.config import Params, flatten
 from pipelines.paths import PIPELINE_RUN_FILE
+from pipelines.tracking_guard import Guarded, NullRun, close_stale_runs, owner_tags, tracking_failed
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MODEL_PACKAGE_FILE",
     "PIPELINE_STAGE",
     "TRACKING_ROOT_ENV",
     "MlflowTrialCallback",
     "begin_pipeline_run",
     "git_commit",
     "hermetic_env",
-    "log_and_register_model",
     "log_pipeline_metrics",
     "pipeline_run_id",
     "safe_metric_name",
-    "should_promote",
     "tracked_run",
 ]
 
-MODEL_PACKAGE_FILE = "scoring.json"  # written into the registered model folder, read by the pyfunc
 MAX_PARAM_LENGTH = 500  # MLflow's limit on a param value
 PARAMS_PER_CALL = 100  # MLflow's limit on params per log_params call
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the MLflow UI opens an experiment on this kind's view
@@ -118,15 +115,6 @@ def _mlflow(p: Params):
     return mlflow
 
 
-class _NullRun:
-    """Stand-in when tracking is disabled: every call is a no-op."""
-
-    info = type("Info", (), {"run_id": ""})()
-
-    def __getattr__(self, name: str):
-        return lambda *a, **k: None
-
-
 def _tags(p: Params, stage: str, extra: dict[str, Any] | None = None) -> dict[str, str]:
     return {
         "git_commit": git_commit(),
@@ -135,6 +123,7 @@ def _tags(p: Params, stage: str, extra: dict[str, Any] | None = None) -> dict[st
         "stage": stage,
         "setting": p.setting.kind,
         "dataset": p.data.name,
+        **owner_tags(),
         **{k: str(v) for k, v in (extra or {}).items()},
     }
 
@@ -147,16 +136,34 @@ def _log_params(mlflow: Any, p: Params) -> None:
     mlflow.log_dict(p.model_dump(mode="json"), "params/resolved.json")
 
 
-def begin_pipeline_run(p: Params) -> str:
-    """Begin the parent run of a new pipeline execution; remember its id for the later stages."""
+def begin_pipeline_run(p: Params, resume_id: str = "") -> str:
+    """Begin the parent run of a new pipeline execution (or continue ``resume_id``, the parent of a
+    training that is resuming); remember its id for the later stages. Tracking errors warn."""
     if not p.tracking.enabled:
         return ""
-    mlflow = _mlflow(p)
-    name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{git_commit()[:8]}"
-    with mlflow.start_run(run_name=name, tags=_tags(p, PIPELINE_STAGE)) as run:
-        _log_params(mlflow, p)
-    atomic_write_text(PIPELINE_RUN_FILE, json.dumps({"run_id": run.info.run_id}))
-    return run.info.run_id
+    try:
+        mlflow = _mlflow(p)
+        close_stale_runs(mlflow, p.tracking.experiment)
+        if resume_id and _exists(mlflow, resume_id):
+            run_id = resume_id
+        else:
+            name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{git_commit()[:8]}"
+            with mlflow.start_run(run_name=name, tags=_tags(p, PIPELINE_STAGE)) as run:
+                _log_params(mlflow, p)
+            run_id = run.info.run_id
+    except Exception as err:
+        tracking_failed(p, "beginning the pipeline run", err)
+        return ""
+    atomic_write_text(PIPELINE_RUN_FILE, json.dumps({"run_id": run_id}))
+    return run_id
+
+
+def _exists(mlflow: Any, run_id: str) -> bool:
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except Exception:  # MLflow raises its own exception for an unknown id
+        return False
+    return True
 
 
 def pipeline_run_id(p: Params) -> str:
@@ -176,120 +183,95 @@ def log_pipeline_metrics(p: Params, metrics: dict[str, float]) -> None:
     """Log finite ``metrics`` to this execution's parent run (the experiment's row in the runs table)."""
     if not p.tracking.enabled:
         return
-    from mlflow.entities import Metric  # heavy; see the module docstring
+    try:
+        from mlflow.entities import Metric  # heavy; see the module docstring
 
+        mlflow = _mlflow(p)
+        now = int(1000 * time.time())
+        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(v)]
+        mlflow.MlflowClient().log_batch(pipeline_run_id(p), metrics=batch)
+    except Exception as err:
+        tracking_failed(p, "logging the pipeline metrics", err)
+
+
+def _open_runs(p: Params, stage: str, run_name: str, opts: dict[str, Any], runs: contextlib.ExitStack) -> Any:
+    """Start (or continue) the stage's run, nested under the pipeline run when asked; guarded mlflow."""
     mlflow = _mlflow(p)
-    now = int(1000 * time.time())
-    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(v)]
-    mlflow.MlflowClient().log_batch(pipeline_run_id(p), metrics=batch)
+    close_stale_runs(mlflow, p.tracking.experiment)
+    if opts["in_pipeline"]:
+        parent = pipeline_run_id(p)
+        runs.enter_context(mlflow.start_run(run_id=parent))
+        mlflow.set_tags(owner_tags())
+    if opts["run_id"] and _exists(mlflow, opts["run_id"]):
+        runs.enter_context(mlflow.start_run(run_id=opts["run_id"], nested=opts["in_pipeline"]))
+        mlflow.set_tags({**owner_tags(), "resumed": "true"})
+    else:
+        runs.enter_context(
+            mlflow.start_run(run_name=run_name, nested=opts["in_pipeline"], tags=_tags(p, stage, opts["tags"]))
+        )
+        _log_params(mlflow, p)
+    return Guarded(mlflow, p)
 
 
 @contextlib.contextmanager
 def tracked_run(
-    p: Params, stage: str, run_name: str, tags: dict[str, Any] | None = None, in_pipeline: bool = False
+    p: Params,
+    stage: str,
+    run_name: str,
+    tags: dict[str, Any] | None = None,
+    in_pipeline: bool = False,
+    run_id: str = "",
 ) -> Iterator[Any]:
-    """An MLflow run with flattened params and the standard tags; yields the ``mlflow`` module.
+    """An MLflow run with flattened params and the standard tags; yields the guarded ``mlflow`` module.
 
-    ``in_pipeline``: nested under this execution's parent run (:func:`pipeline_run_id`).
+    ``in_pipeline``: nested under this execution's parent run (:func:`pipeline_run_id`). ``run_id``:
+    continue that run (a resumed training) instead of starting one. Runs left RUNNING by killed
+    processes are closed first. Tracking errors warn and the body runs on (``tracking.required``
+    makes them fatal); an exception in the body ends the runs FAILED, an interrupt KILLED.
     """
     if not p.tracking.enabled:
-        yield _NullRun()
+        yield NullRun()
         return
-    mlflow = _mlflow(p)
     log_dir = Path(tempfile.mkdtemp(prefix="inpformer-log-"))
     handler = logging.FileHandler(log_dir / f"{stage}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root_logger = logging.getLogger()
     root_logger.addHandler(handler)
+    runs = contextlib.ExitStack()
+    opts = {"in_pipeline": in_pipeline, "run_id": run_id, "tags": tags}
     try:
-        with contextlib.ExitStack() as runs:
-            if in_pipeline:
-                runs.enter_context(mlflow.start_run(run_id=pipeline_run_id(p)))
-            run = runs.enter_context(
-                mlflow.start_run(run_name=run_name, nested=in_pipeline, tags=_tags(p, stage, tags))
-            )
-            _log_params(mlflow, p)
-            try:
-                yield mlflow
-            finally:
-                handler.flush()
-                mlflow.log_artifact(str(log_dir / f"{stage}.log"), artifact_path="logs")
-            logger.info("MLflow run %s (%s)", run.info.run_id, run_name)
+        try:
+            mlflow: Any = _open_runs(p, stage, run_name, opts, runs)
+        except Exception as err:
+            _close(runs, None)
+            tracking_failed(p, f"starting the {stage} run", err)
+            mlflow = NullRun()
+        try:
+            yield mlflow
+        except BaseException as err:
+            _close(runs, err, p)
+            raise
+        handler.flush()
+        mlflow.log_artifact(str(log_dir / f"{stage}.log"), artifact_path="logs")
+        _close(runs, None, p)
     finally:
         root_logger.removeHandler(handler)
         handler.close()
         shutil.rmtree(log_dir, ignore_errors=True)
 
 
-def _champion(client: Any, name: str) -> Any | None:
+def _close(runs: contextlib.ExitStack, err: BaseException | None, p: Params | None = None) -> None:
+    """End the runs: FINISHED, FAILED after an exception, KILLED after an interrupt (errors warn)."""
     try:
-        return client.get_model_version_by_alias(name, "champion")
-    except Exception:  # MLflow raises a generic exception when the alias does not exist
-        return None
+        if isinstance(err, KeyboardInterrupt):
+            import mlflow  # heavy; see the module docstring
 
-
-def should_promote(champion_tags: dict[str, str] | None, scope: dict[str, str], mad: float) -> bool:
-    """Whether a new version with ``mad`` in ``scope`` (dataset, setting, group) becomes champion.
-
-    Never with a NaN or infinite mAD; always when there is no champion; otherwise only when the
-    champion is of the same scope and ``mad`` is strictly better. A champion of another scope is
-    kept (like is compared with like only).
-    """
-    if not math.isfinite(mad):
-        return False
-    if champion_tags is None:
-        return True
-    if any(champion_tags.get(k, "all" if k == "group" else "") != v for k, v in scope.items()):
-        return False
-    try:
-        current = float(champion_tags.get("mad", "nan"))
-    except ValueError:
-        return True
-    return not math.isfinite(current) or mad > current
-
-
-def _stage_package(model_dir: Path, package: dict[str, Any]) -> Path:
-    """A copy of the model folder with :data:`MODEL_PACKAGE_FILE` added (what gets registered)."""
-    staged = Path(tempfile.mkdtemp(prefix="inpformer-model-")) / model_dir.name
-    shutil.copytree(model_dir, staged)
-    (staged / MODEL_PACKAGE_FILE).write_text(json.dumps(package, indent=2, sort_keys=True))
-    return staged
-
-
-def log_and_register_model(
-    mlflow: Any, p: Params, model_dir: Path, package: dict[str, Any], mad: float, group: str
-) -> dict[str, Any]:
-    """Log the pyfunc model (weights + ``package``), register a version with alias ``candidate``,
-    and move ``champion`` to it when :func:`should_promote` says so. Returns what happened."""
-    if not p.tracking.enabled or not p.tracking.log_model:
-        return {}
-    from mlflow import MlflowClient  # heavy; see the module docstring
-
-    staged = _stage_package(model_dir, package)
-    try:
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
-            artifacts={"model": str(staged)},
-            pip_requirements=["torch", "timm", "safetensors", "numpy", "pillow"],
-            code_paths=[str(Path(__file__).resolve().parents[1] / d) for d in ("components", "pipelines")],
-        )
-    finally:
-        shutil.rmtree(staged.parent, ignore_errors=True)
-    name = p.tracking.registered_model
-    client = MlflowClient()
-    version = mlflow.register_model(info.model_uri, name).version
-    scope = {"dataset": p.data.name, "setting": p.setting.kind, "group": group}
-    for k, v in {**scope, "mad": f"{mad:.6f}"}.items():
-        client.set_model_version_tag(name, version, k, v)
-    client.set_registered_model_alias(name, "candidate", version)
-    champion = _champion(client, name)
-    champion_tags = dict(champion.tags or {}) if champion is not None else None
-    promoted = should_promote(champion_tags, scope, mad)
-    if promoted:
-        client.set_registered_model_alias(name, "champion", version)
-    previous = float(champion_tags.get("mad", "nan")) if champion_tags else None
-    return {"model_uri": info.model_uri, "version": version, "champion": promoted, "previous_champion_mad": previous}
+            while mlflow.active_run() is not None:
+                mlflow.end_run("KILLED")
+        runs.__exit__(type(err) if err else None, err, err.__traceback__ if err else None)
+    except Exception as close_err:
+        if p is not None:
+            tracking_failed(p, "ending the run", close_err)
 
 
 class MlflowTrialCallback:

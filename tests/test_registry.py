@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from pipelines import tracking
 from pipelines.config import load_params
-from pipelines.tracking import MODEL_PACKAGE_FILE, log_and_register_model, should_promote
+from pipelines.registry import MODEL_PACKAGE_FILE, champion_alias, log_and_register_model, should_promote
+from pipelines.tracking import tracked_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCOPE = {"dataset": "synthetic", "setting": "multi_class", "group": "all"}
@@ -37,75 +37,78 @@ def test_should_promote(champion, mad, promote) -> None:
     assert should_promote(champion, SCOPE, mad) is promote
 
 
-class FakeClient:
-    """Versions with tags and aliases, as the MLflow registry keeps them."""
-
-    def __init__(self) -> None:
-        self.tags: dict[str, dict[str, str]] = {}
-        self.aliases: dict[str, str] = {}
-
-    def set_model_version_tag(self, name, version, key, value):
-        self.tags.setdefault(version, {})[key] = value
-
-    def set_registered_model_alias(self, name, alias, version):
-        self.aliases[alias] = version
-
-    def get_model_version_by_alias(self, name, alias):
-        if alias not in self.aliases:
-            raise LookupError(f"no alias {alias}")  # MLflow raises its own exception type
-        return SimpleNamespace(tags=self.tags[self.aliases[alias]])
-
-
 @pytest.fixture
 def registry(tmp_path, monkeypatch):
-    client = FakeClient()
-    logged: list[dict] = []
-
-    def log_model(name, python_model, artifacts, pip_requirements, code_paths):
-        folder = Path(artifacts["model"])
-        logged.append(json.loads((folder / MODEL_PACKAGE_FILE).read_text()))
-        assert (folder / "model.safetensors").is_file()
-        return SimpleNamespace(model_uri=f"runs:/r/model-{len(logged)}")
-
-    def register_model(uri, name):
-        return SimpleNamespace(version=str(len(logged)))
-
-    fake = SimpleNamespace(pyfunc=SimpleNamespace(log_model=log_model), register_model=register_model)
-    import mlflow
-
-    monkeypatch.setattr(mlflow, "MlflowClient", lambda: client)
+    """A temporary MLflow store (SQLite) in ``tmp_path`` and a model folder to register."""
+    monkeypatch.chdir(tmp_path)
     model_dir = tmp_path / "models" / "all"
     model_dir.mkdir(parents=True)
     (model_dir / "model.safetensors").write_bytes(b"weights")
     (model_dir / "config.json").write_text("{}")
-    return client, fake, model_dir, logged
+    return model_dir
 
 
-def _register(registry, mad: float, *overrides: str) -> dict:
-    client, fake, model_dir, _ = registry
+def _register(model_dir: Path, mad: float, *overrides: str) -> dict:
     p = load_params(ROOT / "params.yaml", list(overrides))
-    return log_and_register_model(fake, p, model_dir, {"scoring": {"map_kind": "fused"}}, mad, "all")
+    with tracked_run(p, "evaluate", "evaluate") as mlflow:
+        return log_and_register_model(mlflow, p, model_dir, {"scoring": {"map_kind": "fused"}}, mad, "all")
+
+
+def _aliases() -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return {k: str(v) for k, v in MlflowClient().get_registered_model("inpformer").aliases.items()}
 
 
 def test_registry_journey(registry) -> None:
-    client, _, model_dir, logged = registry
-    assert _register(registry, math.nan)["champion"] is False  # first version without a metric
-    assert "champion" not in client.aliases and client.aliases["candidate"] == "1"
-    assert _register(registry, 0.5)["champion"] is True  # first real metric
+    """First version without a metric, first real one, worse, another dataset, better, NaN."""
+    scoped = "champion-synthetic-multi_class"
+    assert _register(registry, math.nan)["champion"] is False
+    assert _aliases() == {"candidate": "1"}
+    first = _register(registry, 0.5)
+    assert first["champion"] and first["default_champion"] and first["alias"] == scoped
     assert _register(registry, 0.4)["champion"] is False  # worse
-    assert client.aliases == {"candidate": "3", "champion": "2"}
-    out = _register(registry, 0.9, "data.name=other")  # better, but for another dataset
-    assert out["champion"] is False and client.aliases["champion"] == "2"
-    assert _register(registry, 0.6)["champion"] is True and client.aliases["champion"] == "5"
-    assert client.tags["5"] == {**SCOPE, "mad": "0.600000"}
-    assert logged[0] == {"scoring": {"map_kind": "fused"}}  # the package travels inside the model folder
-    assert not (model_dir / MODEL_PACKAGE_FILE).exists()  # the workspace's model folder is left alone
+    assert _aliases() == {"candidate": "3", "champion": "2", scoped: "2"}
+    other = _register(registry, 0.9, "data.name=other")  # better, but another dataset: its own champion
+    assert other["champion"] and not other["default_champion"]
+    assert _aliases()["champion-other-multi_class"] == "4" and _aliases()["champion"] == "2"
+    assert _register(registry, 0.6)["champion"] is True
+    assert _register(registry, math.nan)["champion"] is False  # NaN never wins
+    assert _aliases() == {
+        "candidate": "6",
+        "champion": "5",
+        scoped: "5",
+        "champion-other-multi_class": "4",
+    }
+    assert not (registry / MODEL_PACKAGE_FILE).exists()  # the workspace's model folder is left alone
+
+
+def test_registered_model_has_no_host_paths_and_pinned_requirements(registry, tmp_path) -> None:
+    import mlflow
+
+    out = _register(registry, 0.5)
+    local = Path(mlflow.artifacts.download_artifacts(out["model_uri"], dst_path=str(tmp_path / "dl")))
+    for f in local.rglob("*"):
+        if f.is_file() and f.suffix in ("", ".yaml", ".txt", ".json"):
+            text = f.read_text(errors="ignore")
+            assert str(tmp_path) not in text and str(ROOT) not in text, f  # no absolute host path
+    requirements = (local / "requirements.txt").read_text().split()
+    for pkg in ("torch", "timm", "safetensors", "numpy", "pillow"):
+        assert any(r.startswith(f"{pkg}==") for r in requirements), (pkg, requirements)
+    assert json.loads((local / "artifacts" / "all" / MODEL_PACKAGE_FILE).read_text())["scoring"]
 
 
 def test_tracking_disabled_registers_nothing(registry) -> None:
     assert _register(registry, 0.5, "tracking.enabled=false") == {}
-    assert registry[0].aliases == {}
+    assert not (Path("mlruns")).exists()
 
 
 def test_safe_metric_name() -> None:
     assert tracking.safe_metric_name("visa/pcb1 (x)") == "visa/pcb1 _x_"
+
+
+def test_champion_alias_is_a_valid_mlflow_alias() -> None:
+    assert champion_alias({"dataset": "mvtec", "setting": "single_class", "group": "metal nut.v2"}) == (
+        "champion-mvtec-single_class-metal_nut_v2"
+    )
+    assert champion_alias({"dataset": "d.1", "setting": "few_shot", "group": "all"}) == "champion-d_1-few_shot"

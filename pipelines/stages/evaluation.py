@@ -22,8 +22,10 @@ from pipelines.builders import build_scoring, build_transform, resolve_device
 from pipelines.config import Params
 from pipelines.paths import ARTIFACTS, CURVES_DIR, EVAL_DIR, EVAL_RUN_FILE, METRICS_FILE, MODELS_DIR
 from pipelines.records import evaluation_records, load_records, manifest_hash
+from pipelines.registry import log_and_register_model
 from pipelines.reporting import markdown_table
-from pipelines.tracking import log_and_register_model, log_pipeline_metrics, safe_metric_name, tracked_run
+from pipelines.tracking import log_pipeline_metrics, safe_metric_name, tracked_run
+from pipelines.tracking_guard import tracking_failed
 
 __all__ = ["Evaluation", "evaluate", "model_package"]
 
@@ -167,7 +169,11 @@ def _track(p: Params, ev: Evaluation) -> None:
                 gm = [ev.per_category[c]["mad"] for c in cats]
                 mad = float(np.nanmean(gm)) if gm else math.nan
                 package = model_package(p, ev, group)
-                registry[group] = log_and_register_model(mlflow, p, MODELS_DIR / group, package, mad, group)
+                try:
+                    registry[group] = log_and_register_model(mlflow, p, MODELS_DIR / group, package, mad, group)
+                except Exception as err:  # the metrics are written already: a registry error only warns
+                    tracking_failed(p, f"registering the model of {group}", err)
+                    registry[group] = {"error": f"{type(err).__name__}: {err}"}
         active = getattr(mlflow, "active_run", lambda: None)()
         run_id = getattr(getattr(active, "info", None), "run_id", "")
         maps_info = {g: {"map": ev.scoring[g].map_kind, "encoder_pretrained": ev.pretrained[g]} for g in ev.groups}

@@ -33,6 +33,7 @@ __all__ = ["config_hash", "train", "train_group"]
 
 TIMING_KEYS = ("seconds", "resumed")  # in artifacts/train_summary.json only: they differ run to run
 
+RUN_RECORD = "mlflow_run.json"  # in a checkpoint folder: the MLflow run that a resumed training continues
 HASHED_SECTIONS = ("seed", "setting", "data", "synthesis", "model", "loss", "train")
 
 
@@ -43,9 +44,24 @@ def config_hash(p: Params) -> str:
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _run_record(folder: Path) -> str:
+    """The MLflow run id recorded in a checkpoint folder by an earlier (interrupted) run, or ''."""
+    try:
+        return str(json.loads((folder / RUN_RECORD).read_text())["run_id"])
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
 def train(p: Params, progress: bool = True, resume: bool = True) -> dict[str, Any]:
-    """Train every group, then replace ``artifacts/models`` and write the summary atomically."""
-    begin_pipeline_run(p)  # this execution's MLflow parent run (evaluate logs under it too)
+    """Train every group, then replace ``artifacts/models`` and write the summary atomically.
+
+    An interrupted training resumes from its checkpoints and continues its MLflow runs (the parent
+    and each group's), so the epoch curves stay whole.
+    """
+    root = CHECKPOINTS_DIR / config_hash(p)
+    parent = begin_pipeline_run(p, _run_record(root) if resume else "")  # evaluate logs under it too
+    if parent:
+        atomic_write_text(root / RUN_RECORD, json.dumps({"run_id": parent}))
     if p.setting.kind == "zero_shot":
         print("setting.kind=zero_shot: no training (evaluate uses setting.zero_shot_source).")
         MODELS_DIR.mkdir(parents=True, exist_ok=True)
@@ -102,8 +118,13 @@ def train_group(
         CHECKPOINTS_DIR / config_hash(p) / group, model_config, resume, p.train.keep_checkpoints
     )
     tags = {"group": group, "encoder_pretrained": model.pretrained_loaded, "manifest_hash": manifest_hash(p)}
-    with tracked_run(p, "train", f"train-{group}", tags, in_pipeline=True) as mlflow:
-        mlflow.log_params({"encoder_pretrained": model.pretrained_loaded, "n_train_images": len(dataset)})
+    previous = _run_record(checkpoints.folder) if resume else ""
+    with tracked_run(p, "train", f"train-{group}", tags, in_pipeline=True, run_id=previous) as mlflow:
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id:
+            atomic_write_text(checkpoints.folder / RUN_RECORD, json.dumps({"run_id": active.info.run_id}))
+        if not previous:
+            mlflow.log_params({"encoder_pretrained": model.pretrained_loaded, "n_train_images": len(dataset)})
 
         def on_epoch(m: dict[str, Any]) -> None:
             epoch_metrics = {f"train_{k}": v for k, v in m.items() if isinstance(v, float)}

@@ -1,0 +1,164 @@
+"""The MLflow model registry: log the pyfunc model, register a version, move the aliases.
+
+Aliases (documented in the README):
+
+* ``candidate`` — every new version.
+* ``champion-<dataset>-<setting>[-<group>]`` — the best version of that scope (:func:`champion_alias`):
+  a finite mAD that beats the scope's current champion (:func:`should_promote`). Models of
+  different datasets or settings are never compared with each other.
+* ``champion`` — the champion of the default scope: the scope of the first version that became
+  champion. It moves by the same rule, so another dataset's model never takes it (use the scoped
+  alias for that dataset) and a NaN or missing metric never does.
+
+The registered model holds no absolute host path: MLflow's ``model_code_path`` and the artifact's
+source path are rewritten to paths relative to the model folder (MLflow loads code models by file
+name), and its requirements are pinned to the versions in use. Loading a registered model runs its
+code (``pyfunc_model.py`` and the copied packages): trust a registry as you trust code.
+
+mlflow is imported inside the functions (heavy; tracking may be off).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:  # the pyfunc imports this module: keep its import chain free of pydantic
+    from pipelines.config import Params
+
+__all__ = [
+    "CHAMPION",
+    "MODEL_PACKAGE_FILE",
+    "MODEL_REQUIREMENTS",
+    "champion_alias",
+    "log_and_register_model",
+    "pinned_requirements",
+    "should_promote",
+]
+
+MODEL_PACKAGE_FILE = "scoring.json"  # written into the registered model folder, read by the pyfunc
+CHAMPION = "champion"
+CANDIDATE = "candidate"
+MODEL_REQUIREMENTS = ("torch", "timm", "safetensors", "numpy", "pillow", "pyyaml")  # what the pyfunc imports
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # models from code: no pickle
+CODE_PACKAGES = ("components", "pipelines")
+ALIAS_UNSAFE = re.compile(r"[^\w-]")  # MLflow aliases allow letters, digits, '_' and '-'
+
+
+def champion_alias(scope: dict[str, str]) -> str:
+    """``champion-<dataset>-<setting>``, plus ``-<group>`` unless the group is ``all``."""
+    parts = [CHAMPION, scope["dataset"], scope["setting"]]
+    if scope.get("group", "all") != "all":
+        parts.append(scope["group"])
+    return ALIAS_UNSAFE.sub("_", "-".join(parts))
+
+
+def should_promote(champion_tags: dict[str, str] | None, scope: dict[str, str], mad: float) -> bool:
+    """Whether a new version with ``mad`` in ``scope`` (dataset, setting, group) replaces the champion
+    whose version tags are ``champion_tags``.
+
+    Never with a NaN or infinite mAD; always when there is no champion; otherwise only when the
+    champion is of the same scope and ``mad`` is strictly better (or the champion's is not finite).
+    """
+    if not math.isfinite(mad):
+        return False
+    if champion_tags is None:
+        return True
+    if any(champion_tags.get(k, "all" if k == "group" else "") != v for k, v in scope.items()):
+        return False
+    try:
+        current = float(champion_tags.get("mad", "nan"))
+    except ValueError:
+        return True
+    return not math.isfinite(current) or mad > current
+
+
+def pinned_requirements() -> list[str]:
+    """``pkg==version`` for :data:`MODEL_REQUIREMENTS` as installed (local suffixes like ``+cpu`` dropped)."""
+    pins = []
+    for pkg in MODEL_REQUIREMENTS:
+        try:
+            pins.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(pkg)
+    return pins
+
+
+def _tags_by_alias(client: Any, name: str, alias: str) -> dict[str, str] | None:
+    try:
+        return dict(client.get_model_version_by_alias(name, alias).tags or {})
+    except Exception:  # MLflow raises a generic exception when the alias does not exist
+        return None
+
+
+def _relative_paths(mlmodel: Path) -> None:
+    """Rewrite the absolute paths MLflow writes into ``MLmodel`` relative to the model folder."""
+    spec = yaml.safe_load(mlmodel.read_text())
+    flavor = spec["flavors"]["python_function"]
+    if "model_code_path" in flavor:
+        flavor["model_code_path"] = Path(flavor["model_code_path"]).name
+    for artifact in (flavor.get("artifacts") or {}).values():
+        artifact["uri"] = artifact["path"]
+    mlmodel.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def _save_pyfunc(mlflow: Any, model_dir: Path, package: dict[str, Any], out: Path) -> None:
+    """The pyfunc model folder ``out``: weights + ``package`` + code, no absolute paths."""
+    staged = out.parent / "staged" / model_dir.name
+    shutil.copytree(model_dir, staged)
+    (staged / MODEL_PACKAGE_FILE).write_text(json.dumps(package, indent=2, sort_keys=True))
+    root = Path(__file__).resolve().parents[1]
+    mlflow.pyfunc.save_model(
+        path=str(out),
+        python_model=str(PYFUNC_CODE),
+        artifacts={"model": str(staged)},
+        pip_requirements=pinned_requirements(),
+        code_paths=[str(root / d) for d in CODE_PACKAGES],
+    )
+    _relative_paths(out / "MLmodel")
+
+
+def log_and_register_model(
+    mlflow: Any, p: Params, model_dir: Path, package: dict[str, Any], mad: float, group: str
+) -> dict[str, Any]:
+    """Log the pyfunc model under the active run, register a version (alias ``candidate``) and move
+    the scope's champion alias and ``champion`` when :func:`should_promote` says so."""
+    if not p.tracking.enabled or not p.tracking.log_model:
+        return {}
+    from mlflow import MlflowClient  # heavy; see the module docstring
+
+    with tempfile.TemporaryDirectory(prefix="inpformer-model-") as tmp:
+        _save_pyfunc(mlflow, model_dir, package, Path(tmp) / "model")
+        mlflow.log_artifacts(str(Path(tmp) / "model"), artifact_path=f"model-{group}")
+    uri = f"runs:/{mlflow.active_run().info.run_id}/model-{group}"
+    name = p.tracking.registered_model
+    client = MlflowClient()
+    new = mlflow.register_model(uri, name).version
+    scope = {"dataset": p.data.name, "setting": p.setting.kind, "group": group}
+    for k, v in {**scope, "mad": f"{mad:.6f}"}.items():
+        client.set_model_version_tag(name, new, k, v)
+    client.set_registered_model_alias(name, CANDIDATE, new)
+    scoped = champion_alias(scope)
+    previous = _tags_by_alias(client, name, scoped)
+    promoted = should_promote(previous, scope, mad)
+    if promoted:
+        client.set_registered_model_alias(name, scoped, new)
+    default = should_promote(_tags_by_alias(client, name, CHAMPION), scope, mad)
+    if default:
+        client.set_registered_model_alias(name, CHAMPION, new)
+    return {
+        "model_uri": uri,
+        "version": new,
+        "alias": scoped,
+        "champion": promoted,
+        "default_champion": default,
+        "previous_champion_mad": float(previous.get("mad", "nan")) if previous else None,
+    }
