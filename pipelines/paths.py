@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 __all__ = [
@@ -23,10 +24,12 @@ __all__ = [
     "TRAIN_HISTORY_FILE",
     "TRAIN_METRICS_FILE",
     "TRAIN_SUMMARY_FILE",
+    "confined",
     "in_workspace",
     "manifest_path",
     "raw_dir",
     "relative_to",
+    "remove_tree",
     "synth_dir",
     "synth_index",
 ]
@@ -52,19 +55,46 @@ SWEEP_DIR = ARTIFACTS / "sweep"
 SOURCES_DIR = Path("sources")  # a dependency of the prepare stage: source folders and archives go here
 
 
+def confined(path: str | os.PathLike) -> Path:
+    """``path`` itself, after checking that it resolves inside its top-level workspace folder (``data``,
+    ``artifacts``, ``metrics``, ...; that folder may itself be a link to another disk) and is not that
+    folder. Raises ``ValueError`` otherwise: a name with ``..``, an absolute path or a link leading out
+    never becomes a place the pipeline deletes or overwrites."""
+    path = Path(path)
+    if path.is_absolute() or not path.parts:
+        msg = f"{path}: expected a path inside the workspace (relative, e.g. data/raw/<name>)."
+        raise ValueError(msg)
+    root = Path(path.parts[0]).resolve()
+    resolved = path.resolve()
+    if ".." in path.parts or resolved == root or not resolved.is_relative_to(root):
+        msg = f"{path} resolves to {resolved}, outside {path.parts[0]}/: refusing to write or delete there."
+        raise ValueError(msg)
+    return path
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """``shutil.rmtree`` of a :func:`confined` folder (a no-op when it does not exist)."""
+    path = confined(path)
+    if path.is_symlink():
+        msg = f"{path} is a link: refusing to delete through it; remove the link by hand."
+        raise ValueError(msg)
+    if path.exists():
+        shutil.rmtree(path)
+
+
 def manifest_path(name: str) -> Path:
     """``data/prepared/<name>/manifest.csv``."""
-    return DATA / "prepared" / name / "manifest.csv"
+    return confined(DATA / "prepared" / name) / "manifest.csv"
 
 
 def raw_dir(name: str) -> Path:
     """``data/raw/<name>``: downloaded, extracted or generated images."""
-    return DATA / "raw" / name
+    return confined(DATA / "raw" / name)
 
 
 def synth_dir(name: str) -> Path:
     """``data/synth/<name>``: the fixed pseudo-anomaly bank."""
-    return DATA / "synth" / name
+    return confined(DATA / "synth" / name)
 
 
 def synth_index(name: str) -> Path:

@@ -2,6 +2,9 @@
 
 * Study in ``sweep.storage`` (default ``sqlite:///artifacts/sweep/optuna.db``; a PostgreSQL URL
   works unchanged), seeded TPE, heartbeats so a crashed worker's trial is marked failed.
+* A killed worker loses nothing: each trial records its sweep and worker; when the workers have
+  exited, the coordinator marks their trials still RUNNING as FAIL (with a FAILED MLflow child run)
+  and runs the missing share itself, so ``--n-trials N`` ends with N finished trials.
 * Objective on a validation split (held-out training normals + drawn or real anomalies), never the
   test set unless ``sweep.objective_split: test`` (the paper's protocol, with a warning).
 * Pruning from per-epoch reports (median) or per-category results (Wilcoxon).
@@ -23,8 +26,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,7 @@ __all__ = [
     "ProgressCallback",
     "apply_best",
     "apply_command",
+    "fail_lost_trials",
     "open_study",
     "run_sweep",
     "run_worker",
@@ -62,6 +68,9 @@ __all__ = [
 BEST_PARAMS_FILE = SWEEP_DIR / "best_params.yaml"
 
 WORKER_ENV = "INPFORMER_SWEEP_WORKER"  # the worker's index (offsets the sampler seed)
+SWEEP_ID_ENV = "INPFORMER_SWEEP_ID"  # set in worker processes: this sweep's id (tags its trials)
+KILL_ENV = "INPFORMER_TEST_KILL_WORKER"  # tests only: this worker index kills itself (SIGKILL) in its first trial
+WORKER_ATTR = "worker"  # trial user attribute: "<sweep id>/<worker index>"
 PARENT_ENV = "INPFORMER_SWEEP_PARENT_RUN"  # set in worker processes: the MLflow parent run
 CAUGHT_ERRORS = (RuntimeError, ValueError, FloatingPointError)  # a failing trial does not end the study
 MEDIAN_STARTUP_TRIALS = 2
@@ -106,7 +115,16 @@ def run_worker(run: SweepRun, n_trials: int, timeout: float | None, parent_run_i
     """Run ``n_trials`` trials of the shared study in this process."""
     study = open_study(run.params, run.pruner)
     train_recs, val = cached_validation_split(run.params)
-    objective = build_objective(run, train_recs, val)
+    inner = build_objective(run, train_recs, val)
+    worker = os.environ.get(WORKER_ENV, "0")
+    token = f"{os.environ.get(SWEEP_ID_ENV, '')}/{worker}"
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, token)
+        if os.environ.get(KILL_ENV) == worker:
+            os.kill(os.getpid(), signal.SIGKILL)  # a test's stand-in for kill -9 / OOM mid-trial
+        return inner(trial)
+
     callbacks = [MlflowTrialCallback(run.params, parent_run_id), ProgressCallback(n_trials, run.params.sweep.metric)]
     study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=callbacks, catch=CAUGHT_ERRORS)
 
@@ -170,6 +188,8 @@ def run_sweep(
         active = getattr(mlflow, "active_run", lambda: None)()
         parent_id = active.info.run_id if active is not None else ""
         shares = worker_shares(n_trials, workers)
+        sweep_id = uuid.uuid4().hex[:12]
+        os.environ[SWEEP_ID_ENV] = sweep_id  # this process's trials and (inherited) the workers' ones
         threads = str(max(1, (os.cpu_count() or 2) // workers))
         procs = []
         for worker, share in enumerate(shares[1:], start=1):
@@ -181,15 +201,45 @@ def run_sweep(
         run_worker(run, shares[0], timeout, parent_id)
         codes = [proc.wait() for proc in procs]
         if any(codes):
-            logger.warning(
-                "sweep workers exited with %s; their unfinished trials are marked failed by heartbeat", codes
-            )
+            logger.warning("sweep workers exited with %s", codes)
+        lost = fail_lost_trials(p, sweep_id, parent_id)
+        done = sum(t.state.is_finished() and t.number not in lost for t in _trials_of(open_study(p), sweep_id))
+        missing = len(lost) if timeout else n_trials - done
+        if missing > 0:
+            print(f"{len(lost)} trial(s) lost with a worker; running the missing {missing} here.")
+            run_worker(run, missing, timeout, parent_id)
         summary = write_results(p, params_path, overrides)
         if p.tracking.enabled and summary.get("best_value") is not None:
             mlflow.log_metric(f"best_{p.sweep.metric}", summary["best_value"])
             mlflow.log_params({f"best.{k}": v for k, v in summary["best_params"].items()})
             mlflow.log_artifacts(str(SWEEP_DIR), artifact_path="sweep")
     return summary
+
+
+def _trials_of(study: optuna.Study, sweep_id: str) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if str(t.user_attrs.get(WORKER_ATTR, "")).startswith(f"{sweep_id}/")]
+
+
+def fail_lost_trials(p: Params, sweep_id: str, parent_run_id: str) -> set[int]:
+    """Mark FAIL the trials of sweep ``sweep_id`` still RUNNING once its workers have exited (their
+    process is gone) and log each as a FAILED MLflow child run; return their numbers."""
+    study = open_study(p)
+    lost = [t for t in _trials_of(study, sweep_id) if t.state == optuna.trial.TrialState.RUNNING]
+    if not lost:
+        return set()
+    storage = optuna.storages.get_storage(p.sweep.storage)
+    study_id = storage.get_study_id_from_name(p.sweep.study)
+    for t in lost:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_user_attr(trial_id, "failed_because", "its worker process exited mid-trial")
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    numbers = {t.number for t in lost}
+    callback = MlflowTrialCallback(p, parent_run_id)
+    for t in open_study(p).trials:
+        if t.number in numbers:
+            callback(study, t)
+    logger.warning("trials %s were RUNNING in a worker that exited: marked FAIL", sorted(numbers))
+    return numbers
 
 
 def _ensure_inputs(p: Params) -> None:

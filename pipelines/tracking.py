@@ -56,6 +56,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the MLflow UI opens an experime
 EXPERIMENT_KIND = "custom_model_development"  # (not the GenAI view)
 PIPELINE_STAGE = "pipeline"  # the stage tag of the parent run of one pipeline execution
 TRACKING_ROOT_ENV = "INPFORMER_TRACKING_ROOT"  # relative tracking paths resolve here (temporary exp copies)
+TRIAL_RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna → MLflow
 COMPLETION_METRIC = "mad"  # a parent run with this metric is complete: the next execution begins a new one
 
 
@@ -309,4 +310,4 @@ class MlflowTrialCallback:
             if math.isfinite(v):
                 metrics.append(Metric(f"{safe_metric_name(cat)}/{self.p.sweep.metric}", float(v), now, 0))
         client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in trial.params.items()])
-        client.set_terminated(run.info.run_id, "FINISHED" if trial.state.name == "COMPLETE" else "KILLED")
+        client.set_terminated(run.info.run_id, TRIAL_RUN_STATUS.get(trial.state.name, "FAILED"))

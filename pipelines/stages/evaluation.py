@@ -20,7 +20,7 @@ from components.metrics import METRIC_KEYS, evaluate_arrays
 from components.plots import curve_tables, plot_curves, plot_examples, plot_histogram
 from pipelines.builders import build_scoring, build_transform, resolve_device
 from pipelines.config import Params
-from pipelines.paths import ARTIFACTS, CURVES_DIR, EVAL_DIR, EVAL_RUN_FILE, METRICS_FILE, MODELS_DIR
+from pipelines.paths import ARTIFACTS, CURVES_DIR, EVAL_DIR, EVAL_RUN_FILE, METRICS_FILE, MODELS_DIR, remove_tree
 from pipelines.records import evaluation_records, load_records, manifest_hash
 from pipelines.registry import log_and_register_model
 from pipelines.reporting import markdown_table
@@ -80,8 +80,7 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
 
 
 def _replace(staged: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
+    remove_tree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staged.rename(target)
 

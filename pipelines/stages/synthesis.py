@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from components.data.io import read_rgb
 from pipelines.builders import build_synthesizer, build_transform
 from pipelines.config import Params
-from pipelines.paths import synth_dir
+from pipelines.paths import remove_tree, synth_dir
 from pipelines.records import load_records
 
 __all__ = ["synthesize"]
@@ -43,8 +43,7 @@ def synthesize(p: Params, progress: bool = True) -> Path:
                 mask_image.save(tmp / f"{stem}_mask.png", compress_level=PNG_COMPRESSION)
                 lines.append(f"{rec.path},{c},{stem}.png,{stem}_mask.png,{int(mask.any())}")
     (tmp / "index.csv").write_text("\n".join(lines) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
+    remove_tree(out)
     tmp.rename(out)
     textures = synth.textures.source if synth else "off"
     print(f"Pseudo-anomaly bank: {len(lines) - 1} samples → {out} (textures: {textures})")

@@ -24,6 +24,7 @@ from pipelines.paths import (
     TRAIN_HISTORY_FILE,
     TRAIN_METRICS_FILE,
     TRAIN_SUMMARY_FILE,
+    remove_tree,
 )
 from pipelines.records import load_records, manifest_hash, training_groups
 from pipelines.tracking import begin_pipeline_run, tracked_run
@@ -69,16 +70,14 @@ def train(p: Params, progress: bool = True, resume: bool = True) -> dict[str, An
         return {}
     records = load_records(p)
     staging = ARTIFACTS / ".models.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
+    remove_tree(staging)
     summary: dict[str, Any] = {"setting": p.setting.kind, "groups": {}, "config_hash": config_hash(p)}
     history: list[dict[str, Any]] = []
     for group, recs in training_groups(p, records).items():
         row, group_history = train_group(p, group, recs, records, staging / group, progress, resume)
         summary["groups"][group] = row
         history += [{"group": group, **h} for h in group_history]
-    if MODELS_DIR.exists():
-        shutil.rmtree(MODELS_DIR)
+    remove_tree(MODELS_DIR)
     staging.rename(MODELS_DIR)
     _write_summaries(summary, history)
     shutil.rmtree(CHECKPOINTS_DIR / summary["config_hash"], ignore_errors=True)
