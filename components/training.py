@@ -305,7 +305,7 @@ def step_losses(phase: _Phase, batch: dict[str, Any]) -> dict[str, torch.Tensor]
             msg = (
                 f"residual learning needs '{keys.ANOMALY_IMAGE}'/'{keys.ANOMALY_MASK}' in the batch (enable synthesis)."
             )
-            raise KeyError(msg)
+            raise ValueError(msg)
         mask = batch[keys.ANOMALY_MASK].to(device, non_blocking=True)
         with torch.no_grad():  # the residual is detached (§13.3): no trunk graph is needed
             out_a = _forward(model, batch, keys.ANOMALY_IMAGE, keys.ANOMALY_FEATURES, device)

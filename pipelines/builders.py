@@ -44,7 +44,7 @@ def resolve_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         msg = f"train.device={name} but no CUDA device is available; use auto or cpu."
-        raise RuntimeError(msg)
+        raise ValueError(msg)
     return name
 
 

@@ -14,14 +14,20 @@ import warnings
 from collections.abc import Sequence
 
 from components.constants import DATASET_KINDS
+from components.data.download import DownloadError
+from components.model.weights import EncoderWeightsError
 from pipelines import stages
 from pipelines.config import ConfigError, Params, load_params
+from pipelines.errors import CommandFailed
 from pipelines.tracking import hermetic_env
 
 __all__ = ["build_parser", "main"]
 
 NOISY_LOGGERS = ("alembic", "mlflow", "urllib3", "httpx", "git", "PIL")
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+# What the user can fix (bad input, params, files, an unreachable host): one line, exit 1. Anything
+# else (KeyError, RuntimeError, ...) is a bug: the traceback is shown.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, DownloadError, EncoderWeightsError, CommandFailed)
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; rerun `inpformer {args.command}` to resume (finished outputs and checkpoints are kept).",
+            file=sys.stderr,
+        )
+        return INTERRUPTED_EXIT
 
 
 def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:

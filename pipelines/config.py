@@ -30,6 +30,7 @@ from components.constants import (
     RESIDUAL_MODES,
     SEG_HEAD_LAYOUTS,
 )
+from pipelines.overrides import OverrideError, apply_overrides, flatten, set_dotted
 
 __all__ = ["ConfigError", "Params", "apply_overrides", "check_slug", "flatten", "load_params", "set_dotted"]
 
@@ -46,6 +47,9 @@ def check_slug(value: str) -> str:
 
 Slug = Annotated[str, AfterValidator(check_slug)]
 
+SEED_MAX = 2**32 - 1  # numpy's seed range
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+
 SETTING_KINDS = ("single_class", "multi_class", "super_multi_class", "few_shot", "semi_supervised", "zero_shot")
 
 
@@ -54,7 +58,18 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys, non-finite floats and booleans where numbers are expected are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: Any) -> Any:
+        field = cls.model_fields[info.field_name]
+        if isinstance(value, bool) and field.annotation in (int, float):
+            msg = f"expected a number, got the boolean {value!r}"
+            raise ValueError(msg)
+        return value
 
 
 class SettingParams(_Strict):
@@ -69,12 +84,20 @@ class SettingParams(_Strict):
 class SyntheticParams(_Strict):
     """The embedded default dataset."""
 
-    seed: int = 0
+    seed: Seed = 0
     size: int = Field(128, ge=32)
     n_train: int = Field(60, ge=1)
     n_test_good: int = Field(10, ge=1)
     n_test_per_defect: int = Field(3, ge=1)
     categories: list[str] = Field(default_factory=lambda: ["brick", "grass", "gravel", "washer"])
+
+
+class ExtractParams(_Strict):
+    """Limits on archive extraction (decompression bombs); generous defaults."""
+
+    max_gb: float = Field(500.0, gt=0)
+    max_ratio: float = Field(200.0, gt=1)
+    max_members: int = Field(5_000_000, ge=1)
 
 
 class DataParams(_Strict):
@@ -90,6 +113,7 @@ class DataParams(_Strict):
     num_workers: int = Field(4, ge=0)
     cache: bool = True
     skip_bad: bool = False
+    extract: ExtractParams = Field(default_factory=ExtractParams)
     synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
 
     @model_validator(mode="after")
@@ -115,7 +139,7 @@ class SynthesisParams(_Strict):
     threshold: float = 0.5
     rotate_prob: float = Field(0.3, ge=0, le=1)
     bank_copies: int = Field(0, ge=0)  # 0: synthesise on the fly every epoch
-    seed: int = 0
+    seed: Seed = 0
 
 
 class ModelParams(_Strict):
@@ -230,7 +254,7 @@ class SweepParams(_Strict):
     storage: str = "sqlite:///artifacts/sweep/optuna.db"
     n_trials: int = Field(20, ge=1)
     timeout_s: float | None = None
-    seed: int = 0
+    seed: Seed = 0
     direction: Literal["maximize", "minimize"] = "maximize"
     metric: str = "mad"
     objective_split: Literal["validation", "test"] = "validation"
@@ -250,7 +274,7 @@ class SweepParams(_Strict):
 class Params(_Strict):
     """The whole of params.yaml."""
 
-    seed: int = 1
+    seed: Seed = 1
     setting: SettingParams = Field(default_factory=SettingParams)
     data: DataParams = Field(default_factory=DataParams)
     synthesis: SynthesisParams = Field(default_factory=SynthesisParams)
@@ -281,33 +305,6 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def set_dotted(tree: Any, key: str, value: Any) -> None:
-    """``tree["a"]["b"]["c"] = value`` for ``key="a.b.c"``, creating mappings on the way."""
-    parts = key.split(".")
-    node = tree
-    for p in parts[:-1]:
-        if not hasattr(node.get(p), "keys"):
-            node[p] = {}
-        node = node[p]
-    node[parts[-1]] = value
-
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``KEY=VALUE`` overrides (values parsed as YAML) to a raw params tree."""
-    for item in overrides or []:
-        if "=" not in item:
-            msg = f"--set expects KEY=VALUE, got {item!r}"
-            raise ConfigError(msg)
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as err:
-            msg = f"--set {key}: cannot parse value {raw!r} ({err})"
-            raise ConfigError(msg) from err
-        set_dotted(tree, key.strip(), value)
-    return tree
-
-
 def load_params(path: str | os.PathLike = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read, override and validate a params file.
 
@@ -330,21 +327,11 @@ def load_params(path: str | os.PathLike = "params.yaml", overrides: list[str] | 
     if not isinstance(tree, dict):
         msg = f"{path}: expected a mapping of sections, got {type(tree).__name__}"
         raise ConfigError(msg)
-    tree = apply_overrides(tree, overrides or [])
+    try:
+        tree = apply_overrides(tree, overrides or [])
+    except OverrideError as err:
+        raise ConfigError(str(err)) from err
     try:
         return Params.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_error(err, str(path) + (" (with --set overrides)" if overrides else ""))) from err
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dict → ``{"a.b.c": value}`` (lists kept as their string form)."""
-    out: dict[str, Any] = {}
-    if isinstance(tree, BaseModel):
-        tree = tree.model_dump()
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    out[prefix[:-1]] = tree
-    return out

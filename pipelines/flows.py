@@ -35,6 +35,7 @@ from prefect.states import Completed
 
 from components.metrics import METRIC_KEYS
 from pipelines.config import load_params
+from pipelines.errors import CommandFailed
 from pipelines.paths import METRICS_FILE, PIPELINE_RUN_FILE, SWEEP_DIR
 from pipelines.sweep import PARENT_ENV, WORKER_ENV, open_study, worker_shares, write_results
 from pipelines.sweep_objective import cached_validation_split
@@ -83,7 +84,7 @@ def run_command(cmd: list[str], root: Path, extra_env: dict[str, str] | None = N
         code = proc.wait()
     if code != 0:
         msg = f"{' '.join(cmd)} exited with {code}"
-        raise RuntimeError(msg)
+        raise CommandFailed(msg)
 
 
 def _command(cmd: list[str], root: Path) -> str:
@@ -92,7 +93,7 @@ def _command(cmd: list[str], root: Path) -> str:
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         msg = f"{' '.join(cmd)} exited with {proc.returncode}: {proc.stderr[-2000:]}"
-        raise RuntimeError(msg)
+        raise CommandFailed(msg)
     return proc.stdout
 
 
@@ -134,7 +135,7 @@ def run_experiment(overrides: list[str], name: str, root: str) -> dict[str, Any]
                     files = (rev.get("data") or {}).get("metrics") or {}
                     return (files.get(str(METRICS_FILE)) or {}).get("data") or {}
     msg = f"experiment {name} finished but `dvc exp show` does not list it."
-    raise RuntimeError(msg)
+    raise CommandFailed(msg)
 
 
 def _mlflow_link(run_id: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 from components.data.datasets import Record
@@ -14,9 +15,11 @@ __all__ = ["count_table", "format_table", "markdown_table"]
 METRIC_HEADINGS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD")
 
 
-def count_table(records: list[Record]) -> list[dict[str, Any]]:
-    """Rows of category | train good | test good | test anomalous (+ a total row)."""
+def count_table(records: list[Record], empty_masks: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Rows of category | train good | test good | test anomalous (+ a total row); with an
+    ``empty_mask`` column (anomalous images whose mask marks nothing) when there are any."""
     c = Counter((r.category, r.split, r.label) for r in records)
+    empty = Counter(r.category for r in records if r.mask_path and r.mask_path in set(empty_masks))
     cats = list(dict.fromkeys(r.category for r in records))
     rows = [
         {
@@ -24,6 +27,7 @@ def count_table(records: list[Record]) -> list[dict[str, Any]]:
             "train_good": c[(k, "train", 0)],
             "test_good": c[(k, "test", 0)],
             "test_anomalous": c[(k, "test", 1)],
+            **({"empty_mask": empty[k]} if empty else {}),
         }
         for k in cats
     ]

@@ -20,6 +20,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
@@ -28,7 +29,46 @@ from tqdm.auto import tqdm
 
 from components.data.readers import convert_visa
 
-__all__ = ["DATASET_SOURCES", "DownloadError", "download", "fetch_dataset", "safe_extract", "sha256_file"]
+__all__ = [
+    "DATASET_SOURCES",
+    "DownloadError",
+    "ExtractLimits",
+    "download",
+    "fetch_dataset",
+    "safe_extract",
+    "sha256_file",
+]
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ExtractLimits:
+    """Limits on what an archive may extract to (decompression bombs), checked from its headers first.
+
+    Generous defaults: Real-IAD, the largest supported dataset, is far below them.
+    """
+
+    max_bytes: int = 500 * GIB
+    max_ratio: float = 200.0  # extracted bytes / archive bytes (images barely compress)
+    max_members: int = 5_000_000
+
+    def check(self, archive: Path, sizes: list[int]) -> None:
+        """Raise :class:`DownloadError` naming the archive and the limit it exceeds."""
+        total, packed = sum(sizes), max(archive.stat().st_size, 1)
+        problems = []
+        if len(sizes) > self.max_members:
+            problems.append(f"{len(sizes)} members (limit {self.max_members})")
+        if total > self.max_bytes:
+            problems.append(f"{total / GIB:.1f} GiB extracted (limit {self.max_bytes / GIB:.1f} GiB)")
+        if total / packed > self.max_ratio:
+            problems.append(f"a compression ratio of {total / packed:.0f} (limit {self.max_ratio:g})")
+        if problems:
+            msg = (
+                f"{archive}: refusing to extract: {', '.join(problems)}. This looks like a decompression bomb; "
+                "if the archive is genuine, raise the limit (data.extract.* in params)."
+            )
+            raise DownloadError(msg)
 
 
 class DownloadError(RuntimeError):
@@ -145,8 +185,11 @@ def _check_member(name: str, target: Path) -> None:
         raise DownloadError(msg)
 
 
-def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Extract a tar(.gz/.xz/.bz2) or zip archive into ``target`` safely (see module docstring)."""
+def safe_extract(
+    archive: str | os.PathLike, target: str | os.PathLike, limits: ExtractLimits = ExtractLimits()
+) -> Path:
+    """Extract a tar(.gz/.xz/.bz2) or zip archive into ``target`` safely (see module docstring),
+    within ``limits`` (total size, ratio, member count; checked before anything is written)."""
     archive, target = Path(archive), Path(target)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -160,6 +203,7 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
                     if mode == 0o120000:
                         msg = f"archive member {info.filename!r} is a symbolic link: refusing to extract."
                         raise DownloadError(msg)
+                limits.check(archive, [info.file_size for info in zf.infolist()])
                 zf.extractall(tmp)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
@@ -172,6 +216,7 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
                     if not (m.isfile() or m.isdir()):
                         msg = f"archive member {m.name!r} is a device or special file: refusing to extract."
                         raise DownloadError(msg)
+                limits.check(archive, [m.size for m in members])
                 tf.extractall(tmp, members=members, filter="data")
         else:
             msg = f"{archive} is neither a tar nor a zip archive."
@@ -201,12 +246,17 @@ def _single_child(folder: Path) -> Path:
 
 
 def fetch_dataset(
-    kind: str, raw_dir: str | os.PathLike, source: str | os.PathLike | None = None, timeout_s: float = 5.0
+    kind: str,
+    raw_dir: str | os.PathLike,
+    source: str | os.PathLike | None = None,
+    timeout_s: float = 5.0,
+    limits: ExtractLimits = ExtractLimits(),
 ) -> Path:
     """Return a folder holding dataset ``kind`` ready for its reader.
 
     ``source``: a folder (used as is) or an archive (checksum verified when known, then safely
-    extracted). Without it the official address is downloaded, unless the host is unreachable.
+    extracted within ``limits``). Without it the official address is downloaded, unless the host is
+    unreachable.
     """
     spec = DATASET_SOURCES.get(kind)
     if spec is None:
@@ -224,7 +274,7 @@ def fetch_dataset(
         if spec.get("sha256") and src.name == spec.get("archive") and sha256_file(src) != spec["sha256"]:
             msg = f"{src}: SHA-256 does not match the official {spec['archive']} ({spec['sha256']})."
             raise DownloadError(msg)
-        extracted = safe_extract(src, raw_dir / "extracted")
+        extracted = safe_extract(src, raw_dir / "extracted", limits)
         done.write_text(str(src))
         return _single_child(extracted) if kind != "visa" else _prepare_visa(extracted, raw_dir)
     if done.is_file() and (raw_dir / "extracted").is_dir():
@@ -242,7 +292,7 @@ def fetch_dataset(
         )
         raise DownloadError(msg)
     archive = download(url, raw_dir / spec["archive"], spec["sha256"], timeout_s=timeout_s * 6)
-    extracted = safe_extract(archive, raw_dir / "extracted")
+    extracted = safe_extract(archive, raw_dir / "extracted", limits)
     done.write_text(url)
     return _single_child(extracted) if kind != "visa" else _prepare_visa(extracted, raw_dir)
 

@@ -6,7 +6,8 @@ Policy for unusual but valid inputs (documented in the README):
   (PIL's own conversion would clip every value above 255 to white);
 * masks: any mode, multi-channel masks take the channel max, values > half of the mask's dtype
   range (> 127 for 8 bit; > 0.5 for masks saved as 0/1) count as anomalous.
-Corrupt, truncated and empty files raise :class:`ImageReadError` naming the file.
+Corrupt, truncated and empty files, and images over PIL's decompression-bomb limit, raise
+:class:`ImageReadError` naming the file.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "is_image_file", "read_mask", "read_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "image_mode", "is_image_file", "read_mask", "read_rgb"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -41,10 +42,28 @@ def _open(path: Path) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
+    except Image.DecompressionBombError as err:
+        msg = (
+            f"{path}: too many pixels ({err}). This is PIL's guard against decompression bombs: "
+            "downscale a genuine image before use, or remove the file."
+        )
+        raise ImageReadError(msg) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         msg = f"{path}: cannot decode image ({err}). The file is corrupt or truncated: re-export or remove it."
         raise ImageReadError(msg) from err
     return img
+
+
+def image_mode(path: str | os.PathLike) -> str:
+    """The PIL mode of an image file (header only), with :func:`read_rgb`'s errors."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            return img.mode
+    except Image.DecompressionBombError:
+        return _open(path).mode  # raises the named error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return _open(path).mode  # raises the named error
 
 
 def _to_uint8_grey(img: Image.Image, path: Path) -> np.ndarray:

@@ -17,18 +17,15 @@ import json
 import os
 import random
 import shutil
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
-from components.data.datasets import Record
-from components.data.io import ImageReadError, is_image_file, read_mask, read_rgb
 from components.constants import DATASET_KINDS
+from components.data.datasets import Record
+from components.data.scan import DatasetError, ScanReport, link_ok, list_images, validate_records
 
 __all__ = [
     "DATASET_KINDS",
@@ -62,42 +59,11 @@ REALIAD_CATEGORIES = (
 )  # fmt: skip
 
 
-class DatasetError(ValueError):
-    """The dataset on disk cannot be used as it is; the message lists the files and the fix."""
-
-
-@dataclass
-class ScanReport:
-    """What a scan skipped or converted, reported to the user at the end."""
-
-    skipped_non_images: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    conversions: Counter = field(default_factory=Counter)
-    skipped_bad: list[str] = field(default_factory=list)
-
-    def raise_if_problems(self, fix: str) -> None:
-        """Raise one :class:`DatasetError` listing every problem (first 20 shown)."""
-        if self.problems:
-            shown = "\n  ".join(self.problems[:20])
-            more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
-            msg = f"{len(self.problems)} problem(s) in the dataset:\n  {shown}{more}\n{fix}"
-            raise DatasetError(msg)
-
-
-def _images(folder: Path, report: ScanReport) -> list[Path]:
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and is_image_file(p):
-            out.append(p)
-        elif p.is_file() and not p.name.startswith("."):
-            report.skipped_non_images.append(str(p))
-    return out
-
-
-def _category_dirs(root: Path) -> list[Path]:
+def _category_dirs(root: Path, report: ScanReport) -> list[Path]:
     if (root / "train").is_dir() or (root / "test").is_dir():
         return [root]
-    return sorted(p for p in root.iterdir() if p.is_dir() and ((p / "train").is_dir() or (p / "test").is_dir()))
+    dirs = [p for p in sorted(root.iterdir()) if link_ok(p, report)]
+    return [p for p in dirs if p.is_dir() and ((p / "train").is_dir() or (p / "test").is_dir())]
 
 
 def _find_mask(gt_dir: Path, stem: str) -> Path | None:
@@ -130,7 +96,8 @@ def mvtec_records(
     if not root.is_dir():
         msg = f"{root} is not a folder. Point --from at an MVTec-layout tree (<category>/train/good ...)."
         raise DatasetError(msg)
-    dirs = {d.name: d for d in _category_dirs(root)}
+    report.root = report.root or root
+    dirs = {d.name: d for d in _category_dirs(root, report)}
     if not dirs:
         msg = (
             f"{root}: no category found. Expected <category>/train/good/*.png and "
@@ -149,7 +116,7 @@ def mvtec_records(
     for cat in names:
         cdir = dirs[cat]
         train_dir = cdir / "train" / "good"
-        train = _images(train_dir, report) if train_dir.is_dir() else []
+        train = list_images(train_dir, report) if train_dir.is_dir() else []
         if not train:
             report.problems.append(f"{train_dir}: no training images (category {cat!r} is empty).")
         records += [Record(str(p), cat, "train", 0, "", "good") for p in train]
@@ -158,7 +125,7 @@ def mvtec_records(
             continue
         for defect_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
             defect = defect_dir.name
-            for img in _images(defect_dir, report):
+            for img in list_images(defect_dir, report):
                 if defect == "good":
                     records.append(Record(str(img), cat, "test", 0, "", "good"))
                     continue
@@ -192,12 +159,12 @@ def flat_records(
     if not normal_dir.is_dir():
         msg = f"normal image folder {normal_dir} does not exist."
         raise DatasetError(msg)
-    normals = _images(normal_dir, report)
+    normals = list_images(normal_dir, report)
     if not normals:
         msg = f"{normal_dir}: no images (.png/.jpg/.bmp/.tif)."
         raise DatasetError(msg)
     if normal_test_dir:
-        train, test_good = normals, _images(Path(normal_test_dir), report)
+        train, test_good = normals, list_images(Path(normal_test_dir), report)
     else:
         shuffled = list(normals)
         random.Random(seed).shuffle(shuffled)
@@ -206,7 +173,7 @@ def flat_records(
     records = [Record(str(p), category, "train", 0) for p in train]
     records += [Record(str(p), category, "test", 0) for p in test_good]
     if abnormal_dir:
-        for img in _images(Path(abnormal_dir), report):
+        for img in list_images(Path(abnormal_dir), report):
             mask = _find_mask(Path(mask_dir), img.stem) if mask_dir else None
             if mask_dir and mask is None:
                 report.problems.append(f"{img}: no mask named {img.stem}.png or {img.stem}_mask.png in {mask_dir}")
@@ -296,33 +263,3 @@ def convert_visa(raw_root: str | os.PathLike, split_csv: str | os.PathLike, out_
         shutil.rmtree(out_root)
     os.replace(tmp, out_root)
     return out_root
-
-
-def validate_records(
-    records: Iterable[Record], report: ScanReport, skip_bad: bool = False, progress: bool = True
-) -> list[Record]:
-    """Decode every image and mask; check mask size and that masks mark something.
-
-    Problems go to ``report.problems`` (or, with ``skip_bad``, the record is dropped and counted in
-    ``report.skipped_bad``). Non-RGB inputs are counted in ``report.conversions`` by mode.
-    """
-    kept = []
-    records = list(records)
-    for rec in tqdm(records, desc="validate", disable=not progress, leave=False):
-        try:
-            with Image.open(rec.path) as raw:
-                mode = raw.mode
-            img = read_rgb(rec.path)
-            if mode != "RGB":
-                report.conversions[mode] += 1
-            if rec.mask_path:
-                mask = read_mask(rec.mask_path, img.size)
-                if not np.asarray(mask).any():
-                    report.conversions["empty-mask"] += 1
-        except (ImageReadError, OSError) as err:
-            if skip_bad:
-                report.skipped_bad.append(str(err))
-                continue
-            report.problems.append(str(err))
-        kept.append(rec)
-    return kept

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from components.data.datasets import Record, write_manifest
-from components.data.download import DATASET_SOURCES, fetch_dataset
+from components.data.download import DATASET_SOURCES, GIB, ExtractLimits, fetch_dataset
 from components.data.readers import (
     MVTEC_CATEGORIES,
     ScanReport,
@@ -37,7 +37,7 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
     name = check_slug(name) if name else p.data.name
     source = source if source is not None else p.data.source
     if kind == "dtd":  # the texture source of the pseudo anomalies, not a dataset to index
-        return prepare_textures(source)
+        return prepare_textures(source, extract_limits(p))
     if source and not Path(source).resolve().is_relative_to(SOURCES_DIR.resolve()):
         logger.warning(
             "data.source %s is outside %s/: DVC cannot see new or changed images there, so `dvc repro` and "
@@ -53,16 +53,16 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
         atomic_write_text(raw_dir(name) / "SOURCE.txt", f"{kind}: {relative_to(source, Path.cwd())}\n")
     records = validate_records(records, report, skip_bad=p.data.skip_bad, progress=False)
     report.raise_if_problems(SKIP_BAD_ADVICE)
-    _write(name, records)
+    _write(name, records, report.empty_masks)
     print(f"Prepared '{name}' ({kind}) → {manifest_path(name)}")
-    print(format_table(count_table(records)))
+    print(format_table(count_table(records, report.empty_masks)))
     _print_report(report)
     return manifest_path(name)
 
 
-def prepare_textures(source: str | None) -> Path:
+def prepare_textures(source: str | None, limits: ExtractLimits | None = None) -> Path:
     """Fetch or extract DTD (the pseudo-anomaly textures) and say which folder to configure."""
-    root = fetch_dataset("dtd", raw_dir("dtd"), source or None)
+    root = fetch_dataset("dtd", raw_dir("dtd"), source or None, limits=limits or ExtractLimits())
     images = root / "images" if (root / "images").is_dir() else root
     n = sum(1 for f in images.rglob("*") if f.suffix.lower() in TEXTURE_SUFFIXES)
     print(f"DTD textures: {n} images in {images}\nSet synthesis.texture_dir: {images}")
@@ -83,12 +83,22 @@ def _scan(p: Params, kind: str, name: str, source: str, report: ScanReport) -> l
         raise ValueError(msg)
     if kind == "flat":
         return _flat(Path(source), name, p.seed, report)
-    root = Path(source) if kind == "folder" else fetch_dataset(kind, raw_dir(name), source or None)
+    root = (
+        Path(source)
+        if kind == "folder"
+        else fetch_dataset(kind, raw_dir(name), source or None, limits=extract_limits(p))
+    )
     if kind == "realiad":
         jsons = root / "realiad_jsons" / "realiad_jsons"
         return realiad_records(root / "realiad_1024", jsons, p.data.categories or None, report)
     order = MVTEC_CATEGORIES if kind == "mvtec" else DATASET_SOURCES.get(kind, {}).get("order", ())
     return mvtec_records(root, p.data.categories or None, order=order, report=report)
+
+
+def extract_limits(p: Params) -> ExtractLimits:
+    """``data.extract`` as :class:`ExtractLimits`."""
+    e = p.data.extract
+    return ExtractLimits(int(e.max_gb * GIB), e.max_ratio, e.max_members)
 
 
 def _flat(root: Path, name: str, seed: int, report: ScanReport) -> list[Record]:
@@ -99,7 +109,7 @@ def _flat(root: Path, name: str, seed: int, report: ScanReport) -> list[Record]:
     return flat_records(good, bad, masks, test_good, category=name, seed=seed, report=report)
 
 
-def _write(name: str, records: list[Record]) -> None:
+def _write(name: str, records: list[Record], empty_masks: list[str]) -> None:
     """The manifest (paths relative to its folder) and the count table as JSON."""
     out_dir = manifest_path(name).parent
     rel = [
@@ -114,7 +124,7 @@ def _write(name: str, records: list[Record]) -> None:
         for r in records
     ]
     write_manifest(manifest_path(name), rel)
-    atomic_write_text(out_dir / "counts.json", json.dumps(count_table(records), indent=2))
+    atomic_write_text(out_dir / "counts.json", json.dumps(count_table(records, empty_masks), indent=2))
 
 
 def _print_report(report: ScanReport) -> None:
@@ -124,3 +134,15 @@ def _print_report(report: ScanReport) -> None:
         print(f"Skipped {len(report.skipped_bad)} unreadable file(s) (data.skip_bad), e.g. {report.skipped_bad[0]}")
     if report.conversions:
         print("Converted: " + ", ".join(f"{k}: {v}" for k, v in sorted(report.conversions.items())))
+    if report.broken_links:
+        print(f"WARNING: skipped {len(report.broken_links)} broken link(s), e.g. {report.broken_links[0]}")
+    if report.outside_links:
+        print(
+            f"WARNING: {len(report.outside_links)} link(s) point outside the dataset folder (used; DVC does not "
+            f"track their targets), e.g. {report.outside_links[0]}"
+        )
+    if report.empty_masks:
+        print(
+            f"WARNING: {len(report.empty_masks)} anomalous image(s) have an all-zero mask (no defect pixel: "
+            f"they count for image-level metrics only), e.g. {report.empty_masks[0]}"
+        )
