@@ -52,6 +52,11 @@ ENCODE_BATCH = 16  # images per batch of the one-off encoder pass
 _VERIFIED: set[str] = set()  # caches whose digest this process has checked
 
 
+def reset_verified() -> None:
+    """Forget which caches were verified: the next open checks digests again (a new run in this process)."""
+    _VERIFIED.clear()
+
+
 @dataclass(frozen=True)
 class CacheSettings:
     """How a cache is built and checked: encoder device, progress bar, ``verify`` (:data:`CACHE_VERIFY_MODES`)."""

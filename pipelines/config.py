@@ -245,6 +245,7 @@ class TrackingParams(_Strict):
     registered_model: str = "inpformer"
     log_model: bool = True
     required: bool = False  # true: a tracking error stops the stage; false: it warns and the work goes on
+    timeout_s: float = Field(10.0, gt=0)  # wait this long for a locked SQLite tracking database
 
 
 class SweepParams(_Strict):

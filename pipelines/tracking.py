@@ -33,7 +33,17 @@ from typing import Any
 from components.files import atomic_write_text
 from pipelines.config import Params, flatten
 from pipelines.paths import PIPELINE_RUN_FILE
-from pipelines.tracking_guard import Guarded, NullRun, close_stale_runs, owner_tags, tracking_failed
+from pipelines.tracking_guard import (
+    TRACKING_ROOT_ENV,
+    Guarded,
+    NullRun,
+    check_available,
+    check_sqlite,
+    close_stale_runs,
+    owner_tags,
+    sqlite_path,
+    tracking_failed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +65,6 @@ PARAMS_PER_CALL = 100  # MLflow's limit on params per log_params call
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the MLflow UI opens an experiment on this kind's view
 EXPERIMENT_KIND = "custom_model_development"  # (not the GenAI view)
 PIPELINE_STAGE = "pipeline"  # the stage tag of the parent run of one pipeline execution
-TRACKING_ROOT_ENV = "INPFORMER_TRACKING_ROOT"  # relative tracking paths resolve here (temporary exp copies)
 TRIAL_RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna → MLflow
 COMPLETION_METRIC = "mad"  # a parent run with this metric is complete: the next execution begins a new one
 
@@ -94,13 +103,15 @@ def safe_metric_name(name: str) -> str:
 
 
 def _mlflow(p: Params):
+    check_available(p)
     import mlflow  # heavy; see the module docstring
 
     root = Path(os.environ.get(TRACKING_ROOT_ENV, "."))
     uri = p.tracking.uri
-    if uri.startswith("sqlite:///"):
-        db = root / uri[len("sqlite:///") :]  # an absolute path stays absolute
+    db = sqlite_path(p)  # an absolute path stays absolute
+    if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+        check_sqlite(db, p.tracking.timeout_s)
         uri = f"sqlite:///{db.resolve()}"
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(p.tracking.experiment) is None:

@@ -9,16 +9,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HOST_TAG", "PID_TAG", "Guarded", "NullRun", "close_stale_runs", "owner_tags", "tracking_failed"]
+__all__ = [
+    "HOST_TAG",
+    "PID_TAG",
+    "TRACKING_ROOT_ENV",
+    "Guarded",
+    "NullRun",
+    "TrackingUnavailable",
+    "check_available",
+    "check_sqlite",
+    "close_stale_runs",
+    "owner_tags",
+    "reset_unavailable",
+    "sqlite_path",
+    "tracking_failed",
+]
 
 HOST_TAG = "inpformer.host"  # the machine and process that hold a run open
 PID_TAG = "inpformer.pid"
@@ -34,18 +51,72 @@ class NullRun:
         return lambda *a, **k: None
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be used (checked before MLflow's own minutes of retries)."""
+
+
+_UNAVAILABLE: dict[str, str] = {}  # tracking store → why it failed, for the rest of this process
+TRACKING_ROOT_ENV = "INPFORMER_TRACKING_ROOT"  # relative tracking paths resolve here (temporary exp copies)
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_path(p: Params) -> Path | None:
+    """The SQLite database file of ``tracking.uri`` (relative paths from the tracking root), or None."""
+    if not p.tracking.uri.startswith(SQLITE_PREFIX):
+        return None
+    return Path(os.environ.get(TRACKING_ROOT_ENV, ".")) / p.tracking.uri[len(SQLITE_PREFIX) :]
+
+
+def _store(p: Params) -> str:
+    db = sqlite_path(p)
+    return str(db.resolve()) if db is not None else p.tracking.uri
+
+
+def check_available(p: Params) -> None:
+    """Raise :class:`TrackingUnavailable` at once when this process already found the store unusable."""
+    if _store(p) in _UNAVAILABLE:
+        msg = f"{p.tracking.uri} is unavailable ({_UNAVAILABLE[_store(p)]})"
+        raise TrackingUnavailable(msg)
+
+
+def reset_unavailable() -> None:
+    """Try the tracking store again on the next call (a new command in this process)."""
+    _UNAVAILABLE.clear()
+
+
 def tracking_failed(p: Params, what: str, err: BaseException) -> None:
-    """A tracking error: raised when ``tracking.required``, else one warning (the work goes on)."""
+    """A tracking error: raised when ``tracking.required``; else one warning, and tracking is off for
+    the rest of this process (no further attempts, no repeated waits): the work goes on."""
     if p.tracking.required:
         raise err
+    reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    if _store(p) in _UNAVAILABLE:
+        logger.info("MLflow tracking still off (%s) while %s.", _UNAVAILABLE[_store(p)], what)
+        return
+    _UNAVAILABLE[_store(p)] = reason
     logger.warning(
-        "MLflow tracking failed while %s (%s: %s); continuing without it for this step. "
+        "MLflow tracking failed while %s (%s); continuing without tracking for the rest of this command. "
         "Check tracking.uri (%s), or set tracking.required: true to stop on tracking errors.",
         what,
-        type(err).__name__,
-        str(err).splitlines()[0][:200] if str(err) else "",
+        reason,
         p.tracking.uri,
     )
+
+
+def check_sqlite(db: Path, timeout_s: float) -> None:
+    """Fail fast (within ``timeout_s``) when a SQLite tracking database cannot be used: not a file,
+    not a database, or locked. MLflow itself retries for about 100 s per attempt."""
+    if db.exists() and not db.is_file():
+        msg = f"{db} is not a file (a SQLite database is expected there)"
+        raise TrackingUnavailable(msg)
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=timeout_s)) as con:
+            con.execute("PRAGMA schema_version").fetchone()
+            con.execute("BEGIN IMMEDIATE")  # a write lock: fails when another process holds the database
+            con.rollback()
+    except sqlite3.Error as err:
+        msg = f"{db}: {err}"
+        raise TrackingUnavailable(msg) from err
 
 
 class Guarded:

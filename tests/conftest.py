@@ -39,3 +39,12 @@ def tiny_model(**kw):
 def tiny():
     torch.manual_seed(0)
     return tiny_model()
+
+
+@pytest.fixture(autouse=True)
+def _tracking_store_fresh():
+    """A tracking store that failed in one test is tried again in the next."""
+    yield
+    from pipelines.tracking_guard import reset_unavailable
+
+    reset_unavailable()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from components.checkpoint import load_model
-from components.data.datasets import ImageDataset
+from components.data.datasets import ImageDataset, Record
 from components.files import atomic_write_text
 from components.inference import InferenceResult, ScoringConfig, predict
 from components.metrics import METRIC_KEYS, evaluate_arrays
@@ -27,7 +28,9 @@ from pipelines.reporting import markdown_table
 from pipelines.tracking import log_pipeline_metrics, safe_metric_name, tracked_run
 from pipelines.tracking_guard import tracking_failed
 
-__all__ = ["Evaluation", "evaluate", "model_package"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["Evaluation", "check_test_split", "evaluate", "model_package"]
 
 
 @dataclass
@@ -53,6 +56,7 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
     tf = build_transform(p)
     records = load_records(p)
     test = evaluation_records(p, records)
+    check_test_split(p, test)
     cats = list(dict.fromkeys(r.category for r in test))
     staging = ARTIFACTS / ".eval.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -77,6 +81,26 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
     enc = "pretrained DINOv2" if pretrained else "RANDOM-INIT encoder (no DINOv2 weights: not comparable to the paper)"
     print(f"\nEncoder: {enc}. Metrics: {p.eval.metrics_mode}. Written: {METRICS_FILE}, {EVAL_DIR}/")
     return metrics
+
+
+def check_test_split(p: Params, test: list[Record]) -> None:
+    """An error when the test split cannot give metrics (empty, or no normal / no anomalous image);
+    a warning naming the categories whose image-level metrics will be undefined (NaN)."""
+    labels = {r.label for r in test}
+    if labels != {0, 1}:
+        what = "is empty" if not test else f"has no {'anomalous' if 1 not in labels else 'normal'} image"
+        msg = (
+            f"the test split of data.name={p.data.name} {what}: evaluation needs normal and anomalous test "
+            "images (MVTec layout: <category>/test/good and <category>/test/<defect>). Add them and prepare again."
+        )
+        raise ValueError(msg)
+    one_sided = sorted(c for c in {r.category for r in test} if len({r.label for r in test if r.category == c}) < 2)
+    if one_sided:
+        logger.warning(
+            "categories %s have only normal or only anomalous test images: their image-level metrics are "
+            "undefined (NaN) and left out of the means.",
+            one_sided,
+        )
 
 
 def _replace(staged: Path, target: Path) -> None:
