@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -472,11 +473,11 @@ def test_internal_errors_are_not_reported_as_user_errors(workspace, monkeypatch)
         ("seed=-1", "seed"),
         ("train.epochs=true", "train.epochs"),
         ("loss.gamma=.inf", "loss.gamma"),
-        ("train.lr=.nan", "train.lr"),
+        ("train.betas=[0.9, .nan]", "train.betas"),
     ],
 )
 def test_params_validators_name_the_key(override, key) -> None:
-    with pytest.raises(ConfigError, match=rf"^(?s:.*)\n  {key}: "):
+    with pytest.raises(ConfigError, match=rf"\n  {re.escape(key)}(\.\d+)?: "):
         load_params(ROOT / "params.yaml", [override])
 
 

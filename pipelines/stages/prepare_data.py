@@ -48,6 +48,7 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
         )
     report = ScanReport()
     records = _scan(p, kind, name, source, report)
+    _check_category_names(records)
     raw_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out even when the images stay where they are
     if kind in LOCAL_KINDS:
         atomic_write_text(raw_dir(name) / "SOURCE.txt", f"{kind}: {relative_to(source, Path.cwd())}\n")
@@ -93,6 +94,16 @@ def _scan(p: Params, kind: str, name: str, source: str, report: ScanReport) -> l
         return realiad_records(root / "realiad_1024", jsons, p.data.categories or None, report)
     order = MVTEC_CATEGORIES if kind == "mvtec" else DATASET_SOURCES.get(kind, {}).get("order", ())
     return mvtec_records(root, p.data.categories or None, order=order, report=report)
+
+
+def _check_category_names(records: list[Record]) -> None:
+    """Category names become file names (plots, curves): each must be a safe name (no '/', no '..')."""
+    for category in sorted({r.category for r in records}):
+        try:
+            check_slug(category)
+        except ValueError as err:
+            msg = f"category {err}. Rename its folder (or its name in the dataset's index)."
+            raise ValueError(msg) from err
 
 
 def extract_limits(p: Params) -> ExtractLimits:
