@@ -71,6 +71,8 @@ WORKER_ENV = "INPFORMER_SWEEP_WORKER"  # the worker's index (offsets the sampler
 SWEEP_ID_ENV = "INPFORMER_SWEEP_ID"  # set in worker processes: this sweep's id (tags its trials)
 KILL_ENV = "INPFORMER_TEST_KILL_WORKER"  # tests only: this worker index kills itself (SIGKILL) in its first trial
 WORKER_ATTR = "worker"  # trial user attribute: "<sweep id>/<worker index>"
+ERROR_ATTR = "error"  # trial user attribute: the exception that failed it (absent: its process died)
+MAX_ERROR_CHARS = 500
 PARENT_ENV = "INPFORMER_SWEEP_PARENT_RUN"  # set in worker processes: the MLflow parent run
 CAUGHT_ERRORS = (RuntimeError, ValueError, FloatingPointError)  # a failing trial does not end the study
 MEDIAN_STARTUP_TRIALS = 2
@@ -123,7 +125,11 @@ def run_worker(run: SweepRun, n_trials: int, timeout: float | None, parent_run_i
         trial.set_user_attr(WORKER_ATTR, token)
         if os.environ.get(KILL_ENV) == worker:
             os.kill(os.getpid(), signal.SIGKILL)  # a test's stand-in for kill -9 / OOM mid-trial
-        return inner(trial)
+        try:
+            return inner(trial)
+        except CAUGHT_ERRORS as err:  # a failure of the trial itself, not of its process
+            trial.set_user_attr(ERROR_ATTR, f"{type(err).__name__}: {err}"[:MAX_ERROR_CHARS])
+            raise
 
     callbacks = [MlflowTrialCallback(run.params, parent_run_id), ProgressCallback(n_trials, run.params.sweep.metric)]
     study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=callbacks, catch=CAUGHT_ERRORS)
@@ -207,7 +213,11 @@ def run_sweep(
         missing = len(lost) if timeout else n_trials - done
         if missing > 0:
             print(f"{len(lost)} trial(s) lost with a worker; running the missing {missing} here.")
-            run_worker(run, missing, timeout, parent_id)
+            os.environ[WORKER_ENV] = str(len(shares))  # a sampler seed of its own: not worker 0's samples again
+            try:
+                run_worker(run, missing, timeout, parent_id)
+            finally:
+                os.environ.pop(WORKER_ENV, None)
         summary = write_results(p, params_path, overrides)
         if p.tracking.enabled and summary.get("best_value") is not None:
             mlflow.log_metric(f"best_{p.sweep.metric}", summary["best_value"])
@@ -221,24 +231,30 @@ def _trials_of(study: optuna.Study, sweep_id: str) -> list[optuna.trial.FrozenTr
 
 
 def fail_lost_trials(p: Params, sweep_id: str, parent_run_id: str) -> set[int]:
-    """Mark FAIL the trials of sweep ``sweep_id`` still RUNNING once its workers have exited (their
-    process is gone) and log each as a FAILED MLflow child run; return their numbers."""
+    """The trials of sweep ``sweep_id`` lost with their worker process, once the workers have exited:
+    still RUNNING (marked FAIL here) or already failed by Optuna's heartbeat (FAIL without an error of
+    their own). Each is logged as a FAILED MLflow child run; returns their numbers."""
     study = open_study(p)
-    lost = [t for t in _trials_of(study, sweep_id) if t.state == optuna.trial.TrialState.RUNNING]
+    running, fail = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
+    lost = [
+        t
+        for t in _trials_of(study, sweep_id)
+        if t.state == running or (t.state == fail and ERROR_ATTR not in t.user_attrs)
+    ]
     if not lost:
         return set()
     storage = optuna.storages.get_storage(p.sweep.storage)
     study_id = storage.get_study_id_from_name(p.sweep.study)
-    for t in lost:
+    for t in (t for t in lost if t.state == running):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        storage.set_trial_user_attr(trial_id, "failed_because", "its worker process exited mid-trial")
-        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        storage.set_trial_user_attr(trial_id, ERROR_ATTR, "its worker process exited mid-trial")
+        storage.set_trial_state_values(trial_id, fail)
     numbers = {t.number for t in lost}
     callback = MlflowTrialCallback(p, parent_run_id)
     for t in open_study(p).trials:
         if t.number in numbers:
             callback(study, t)
-    logger.warning("trials %s were RUNNING in a worker that exited: marked FAIL", sorted(numbers))
+    logger.warning("trials %s were lost with a worker process that exited: FAIL", sorted(numbers))
     return numbers
 
 

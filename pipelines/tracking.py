@@ -294,14 +294,19 @@ class MlflowTrialCallback:
         self.parent = parent_run_id
 
     def __call__(self, study: Any, trial: Any) -> None:
-        """Log ``trial`` (an Optuna ``FrozenTrial`` of ``study``) as a child run."""
+        """Log ``trial`` (an Optuna ``FrozenTrial`` of ``study``) as a child run; tracking errors warn."""
         if not self.p.tracking.enabled or not self.parent:
             return
-        import mlflow  # heavy; see the module docstring
-        from mlflow import MlflowClient
+        try:
+            self._log(study, trial)
+        except Exception as err:
+            tracking_failed(self.p, f"logging trial {trial.number}", err)
+
+    def _log(self, study: Any, trial: Any) -> None:
+        from mlflow import MlflowClient  # heavy; see the module docstring
         from mlflow.entities import Metric, Param
 
-        mlflow.set_tracking_uri(self.p.tracking.uri)
+        _mlflow(self.p)  # the store, resolved as every other call resolves it
         client = MlflowClient()
         exp = client.get_run(self.parent).info.experiment_id
         tags = {

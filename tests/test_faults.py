@@ -250,7 +250,8 @@ def test_damaged_image_cache_entry_is_recomputed(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_killed_sweep_worker_trials_are_failed_and_rerun(workspace, monkeypatch) -> None:
+@pytest.mark.parametrize("heartbeat", ["default", "short"])  # short: Optuna's heartbeat may fail it first
+def test_killed_sweep_worker_trials_are_failed_and_rerun(workspace, monkeypatch, heartbeat) -> None:
     import mlflow
     import optuna
 
@@ -258,6 +259,8 @@ def test_killed_sweep_worker_trials_are_failed_and_rerun(workspace, monkeypatch)
     from pipelines.sweep import KILL_ENV, run_sweep
 
     over = [*TINY, "train.epochs=1", "sweep.pruner=none"]
+    if heartbeat == "short":
+        over += ["sweep.heartbeat_s=1", "sweep.grace_s=2"]
     p = load_params("params.yaml", over)
     stages.prepare(p)
     stages.synthesize(p, progress=False)
@@ -270,6 +273,8 @@ def test_killed_sweep_worker_trials_are_failed_and_rerun(workspace, monkeypatch)
     mlflow.set_tracking_uri(p.tracking.uri)
     runs = mlflow.search_runs(experiment_names=[p.tracking.experiment], filter_string="tags.stage = 'sweep-trial'")
     assert sorted(runs["status"]) == ["FAILED", "FINISHED", "FINISHED", "FINISHED", "FINISHED"]
+    params = [tuple(sorted(t.params.items())) for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(set(params)) == 4  # the re-run samples new points
 
 
 # 6. MLflow after crashes ----------------------------------------------------------------------
