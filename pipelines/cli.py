@@ -1,4 +1,4 @@
-"""``inpformer`` command line: prepare | synthesize | train | evaluate | sweep | pipeline | serve.
+"""``inpformer`` command line: prepare | synthesize | train | evaluate | predict | sweep | pipeline | serve.
 
 Every command accepts ``--params PATH`` (default params.yaml) and repeated ``--set KEY=VALUE``;
 the params are validated before any work starts.
@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--apply", action="store_true", help="run the best params as a DVC experiment (full training), then stop"
     )
     p.add_argument("--name", dest="exp_name", help="experiment name for --apply (default: <study>-best)")
+    p = sub.add_parser("predict", help="score new images: predictions.csv/.jsonl and overlays in the original frame")
+    _common(p)
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders (recursive) or globs")
+    p.add_argument("--model", help="a model folder or registry URI (default: the workspace's only model)")
+    p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    p.add_argument("--category", help="the images' category (default: from their folders)")
+    p.add_argument("--limit", type=int, help="score at most this many images")
+    p.add_argument("--save-maps", action="store_true", help="also write each map as .npy (original frame)")
     p = sub.add_parser("pipeline", help="run the Prefect pipeline flow once (DVC stages as tasks)")
     _common(p)
     p = sub.add_parser("serve", help="serve the Prefect pipeline flow with a cron schedule")
@@ -124,6 +132,11 @@ def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
         if args.apply:
             return apply_best(params, args.params, args.exp_name)
         run_sweep(params, args.params, args.overrides, args.n_trials, args.timeout, args.workers, progress)
+    elif args.command == "predict":
+        from pipelines.predict import predict_images  # not needed by the other commands
+
+        options = {"model": args.model, "category": args.category, "limit": args.limit, "save_maps": args.save_maps}
+        predict_images(params, args.sources, args.out, options, progress)
     elif args.command == "pipeline":
         from pipelines.flows import pipeline  # prefect: imported only by the commands that need it
 
