@@ -10,6 +10,7 @@ thresholded mask); optionally the raw map as ``.npy`` (NaN outside what the mode
   scoring and thresholds registered with it, in ``scoring.json``).
 * Category: ``--category``, else the first folder of the image's path that names one of the model's
   categories, else the model's only category; an unknown category is an error.
+* Folders are searched recursively; masks under ``ground_truth/`` (MVTec layout) are not scored.
 * Bad files (corrupt, empty, not an image, too many pixels) are reported and skipped, never fatal.
 """
 
@@ -47,6 +48,7 @@ PREDICT_BATCH = 8  # images per forward pass
 HEAT_SCALE = 2.0  # the colour scale ends at this multiple of the category's pixel threshold
 CSV_COLUMNS = ("path", "category", "score", "threshold", "decision", "model")
 REGISTRY_SCHEMES = ("models:/", "runs:/")
+MASK_FOLDER = "ground_truth"  # masks of an MVTec-layout tree: not images to score
 
 
 @dataclass
@@ -68,7 +70,8 @@ def collect_images(sources: list[str], limit: int | None = None) -> list[tuple[P
         matches = [Path(m) for m in sorted(glob.glob(source, recursive=True))] or [Path(source)]  # noqa: PTH207 (absolute globs)
         for m in matches:
             if m.is_dir():
-                found += [(f, m) for f in sorted(m.rglob("*")) if f.is_file() and is_image_file(f)]
+                files = (f for f in sorted(m.rglob("*")) if f.is_file() and is_image_file(f))
+                found += [(f, m) for f in files if MASK_FOLDER not in f.relative_to(m).parts]
             elif m.is_file():
                 found.append((m, m.parent))
             else:

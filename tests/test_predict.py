@@ -60,6 +60,8 @@ def scored_workspace(tmp_path, monkeypatch):
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.png")
     (tmp_path / "new" / "a" / "line1" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "new" / "a" / "ground_truth").mkdir()
+    Image.fromarray(np.zeros((70, 90), np.uint8)).save(tmp_path / "new" / "a" / "ground_truth" / "0_mask.png")
     return tmp_path
 
 
