@@ -14,6 +14,7 @@ from conftest import tiny_model
 from PIL import Image
 
 from components.checkpoint import save_model
+from components.data.transforms import ImageTransform
 from components.overlay import crop_box, map_to_original, mask_outline
 from pipelines.config import load_params
 
@@ -103,3 +104,17 @@ def test_predict_cli(scored_workspace) -> None:
     assert main(["predict", "new/b", "--out", "o2", "--set", "train.device=cpu"]) == 0
     assert len((scored_workspace / "o2" / "predictions.csv").read_text().splitlines()) == 4
     assert main(["predict", "missing-folder"]) == 1
+
+
+def test_pyfunc_takes_images_of_any_integer_dtype(scored_workspace) -> None:
+    from pipelines.pyfunc import InpFormerPyfunc
+
+    model = InpFormerPyfunc()
+    model.transform = ImageTransform(64, 56)
+    images = np.random.default_rng(0).integers(0, 256, (2, 50, 70, 3))
+    as_uint8 = model.to_batch(images.astype(np.uint8))
+    for dtype in (np.int64, np.int32, np.uint16):  # what a JSON request delivers, and others
+        assert torch.equal(model.to_batch(images.astype(dtype)), as_uint8)
+    assert model.to_batch(images[0].astype(np.int64)).shape == (1, 3, 56, 56)
+    with pytest.raises(ValueError, match="0…255"):
+        model.to_batch(images.astype(np.int64) + 300)
