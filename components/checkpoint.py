@@ -20,7 +20,6 @@ structurally (safetensors header against the file size, JSON that parses).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.files import DEFAULT_DIR_MODE, atomic_write_text, current_umask
+from components.files import DEFAULT_DIR_MODE, atomic_write_text, current_umask, file_digest
 from components.model import InpFormer, InpFormerConfig
 
 logger = logging.getLogger(__name__)
@@ -60,25 +59,16 @@ DIGEST_FILE = "digest.json"
 MODEL_FILES = ("model.safetensors", "config.json")
 TRAIN_FILES = (*MODEL_FILES, "train_state.safetensors", "train_state.json")
 HEADER_LENGTH_BYTES = 8  # a safetensors file starts with the little-endian u64 length of its JSON header
-HASH_BLOCK = 1 << 20
 
 
 class CheckpointError(ValueError):
     """A model or checkpoint folder is incomplete or damaged; the message names the file and the fix."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(HASH_BLOCK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_digest(folder: str | os.PathLike, files: tuple[str, ...]) -> None:
     """Record the size and SHA-256 of ``files`` in ``folder/digest.json`` (written atomically, last)."""
     folder = Path(folder)
-    entries = {f: {"size": (folder / f).stat().st_size, "sha256": _sha256(folder / f)} for f in files}
+    entries = {f: {"size": (folder / f).stat().st_size, "sha256": file_digest(folder / f)} for f in files}
     atomic_write_text(folder / DIGEST_FILE, json.dumps(entries, indent=2, sort_keys=True))
 
 
@@ -129,7 +119,7 @@ def checkpoint_problem(folder: str | os.PathLike, files: tuple[str, ...] = MODEL
             size = (folder / f).stat().st_size
             if size != entry["size"]:
                 return f"{folder / f} has {size} bytes, {entry['size']} were written"
-            if _sha256(folder / f) != entry["sha256"]:
+            if file_digest(folder / f) != entry["sha256"]:
                 return f"{folder / f} does not match the SHA-256 recorded when it was written"
         return None
     for f in files:

@@ -35,6 +35,7 @@ from components.constants import CACHE_VERIFY_MODES, check_choice
 from components.data import batch as keys
 from components.data.datasets import ImageDataset
 from components.data.io import read_mask, read_rgb
+from components.files import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 ENCODE_BATCH = 16  # images per batch of the one-off encoder pass
+CACHE_HASH = "blake2b"  # of the image files (key) and of the cached array
 _VERIFIED: set[str] = set()  # caches whose digest this process has checked
 
 
@@ -81,14 +83,6 @@ def encoder_fingerprint(model: Any) -> str:
     return h.hexdigest()
 
 
-def _file_digest(path: str | os.PathLike) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.digest()
-
-
 class FeatureCache:
     """A memory-mapped n×(1+G)×N×C fp16 array of encoder features for a list of image files.
 
@@ -115,7 +109,7 @@ class FeatureCache:
         h = hashlib.sha256((fingerprint or encoder_fingerprint(model)).encode())
         h.update(repr(transform_key).encode())
         for p in paths:
-            h.update(_file_digest(p))
+            h.update(file_digest(p, CACHE_HASH).encode())
         self.key = h.hexdigest()[:20]
         self.dir = Path(folder) / self.key
         self.built = False
@@ -147,7 +141,7 @@ class FeatureCache:
         if header.shape != shape or header.dtype != np.float16 or shape[0] != n:
             return f"{file}: array {header.shape} {header.dtype}, expected {shape} float16 for {n} images"
         del header
-        if full and _file_digest(file).hex() != digest:
+        if full and file_digest(file, CACHE_HASH) != digest:
             return f"{file} does not match the digest recorded when it was built"
         return None
 
@@ -176,7 +170,7 @@ class FeatureCache:
         del arr
         file = tmp / "features.npy"
         record = {"n": len(paths), "paths": paths[:5], "shape": shape, "size": file.stat().st_size}
-        record["blake2b"] = _file_digest(file).hex()
+        record["blake2b"] = file_digest(file, CACHE_HASH)
         (tmp / "done.json").write_text(json.dumps(record))
         if self.dir.exists():
             shutil.rmtree(self.dir)

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["DEFAULT_DIR_MODE", "DEFAULT_FILE_MODE", "atomic_write_text", "current_umask"]
+__all__ = ["DEFAULT_DIR_MODE", "DEFAULT_FILE_MODE", "atomic_write_text", "current_umask", "file_digest"]
 
 DEFAULT_FILE_MODE = 0o666  # what open() creates, before the umask (mkstemp creates 0600)
 DEFAULT_DIR_MODE = 0o777  # what mkdir() creates, before the umask (mkdtemp creates 0700)
+
+
+HASH_BLOCK = 1 << 20  # bytes read per step while hashing a file
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (read in blocks, never whole into memory)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(HASH_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def current_umask() -> int:

@@ -17,6 +17,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY = {"embed_dim": 32, "num_heads": 2}
+# params overrides for pipeline tests: the embedded synthetic data and the model at the smallest size
+TINY_PIPELINE = [
+    "data.image_size=64",
+    "data.crop_size=56",
+    "data.synthetic.size=64",
+    "data.synthetic.n_test_good=2",
+    "data.synthetic.n_test_per_defect=1",
+    "data.synthetic.categories=[brick]",
+    "synthesis.bank_copies=1",
+    "model.encoder_overrides={embed_dim: 32, num_heads: 2}",
+    "model.seg_head_channels=8",
+    "train.batch_size=4",
+    "train.warmup_iters=2",
+    "eval.resize=64",
+]
 
 
 def tiny_model(**kw):

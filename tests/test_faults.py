@@ -21,28 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TINY_PIPELINE, tiny_model
 from PIL import Image
 
 from pipelines.config import ConfigError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.image_size=64",
-    "data.crop_size=56",
-    "data.synthetic.size=64",
-    "data.synthetic.n_train=8",
-    "data.synthetic.n_test_good=2",
-    "data.synthetic.n_test_per_defect=1",
-    "data.synthetic.categories=[brick]",
-    "synthesis.bank_copies=1",
-    "model.encoder_overrides={embed_dim: 32, num_heads: 2}",
-    "model.seg_head_channels=8",
-    "train.batch_size=4",
-    "train.warmup_iters=2",
-    "train.epochs=2",
-    "eval.resize=64",
-]
+TINY = [*TINY_PIPELINE, "data.synthetic.n_train=8", "train.epochs=2"]
 
 
 @pytest.fixture

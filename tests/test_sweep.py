@@ -10,28 +10,14 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import TINY_PIPELINE
 
 from pipelines.config import load_params
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.image_size=64",
-    "data.crop_size=56",
-    "data.synthetic.size=64",
-    "data.synthetic.n_train=10",
-    "data.synthetic.n_test_good=2",
-    "data.synthetic.n_test_per_defect=1",
-    "data.synthetic.categories=[brick]",
-    "synthesis.bank_copies=1",
-    "model.encoder_overrides={embed_dim: 32, num_heads: 2}",
-    "model.seg_head_channels=8",
-    "train.batch_size=4",
-    "train.warmup_iters=2",
-    "eval.resize=64",
-    "tracking.enabled=false",
-]
+TINY = [*TINY_PIPELINE, "data.synthetic.n_train=10", "tracking.enabled=false"]
 
 
 @pytest.fixture

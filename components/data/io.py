@@ -60,9 +60,7 @@ def image_mode(path: str | os.PathLike) -> str:
     try:
         with Image.open(path) as img:
             return img.mode
-    except Image.DecompressionBombError:
-        return _open(path).mode  # raises the named error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return _open(path).mode  # raises the named error
 
 
