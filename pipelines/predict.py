@@ -41,6 +41,7 @@ from pipelines.builders import build_scoring, resolve_device
 from pipelines.config import Params
 from pipelines.paths import EVAL_DIR, MODELS_DIR
 from pipelines.registry import MODEL_PACKAGE_FILE
+from pipelines.tracking_guard import sqlite_path
 
 __all__ = ["ModelPackage", "collect_images", "load_package", "predict_images"]
 
@@ -83,9 +84,11 @@ def collect_images(sources: list[str], limit: int | None = None) -> list[tuple[P
     return found[:limit] if limit else found
 
 
-def _from_registry(uri: str) -> Path:
+def _from_registry(p: Params, uri: str) -> Path:
     import mlflow  # heavy: only for registry URIs
 
+    db = sqlite_path(p)  # the workspace's store, as every stage resolves it
+    mlflow.set_tracking_uri(f"sqlite:///{db.resolve()}" if db is not None else p.tracking.uri)
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="inpformer-predict-")))
     folders = [p.parent for p in local.rglob(MODEL_PACKAGE_FILE)]
     if len(folders) != 1:
@@ -103,7 +106,7 @@ def load_package(p: Params, ref: str | None, device: str) -> ModelPackage:
             raise ValueError(msg)
         ref = str(MODELS_DIR / groups[0])
     registered = ref.startswith(REGISTRY_SCHEMES)
-    folder = _from_registry(ref) if registered else Path(ref)
+    folder = _from_registry(p, ref) if registered else Path(ref)
     model, config = load_model(folder, device)
     package_file = folder / MODEL_PACKAGE_FILE
     if package_file.is_file():
