@@ -101,7 +101,7 @@ def gaussian_kernel(kernel_size: int = 5, sigma: float = 4.0) -> torch.Tensor:
 def gaussian_blur(maps: torch.Tensor, kernel_size: int = 5, sigma: float = 4.0) -> torch.Tensor:
     """Depthwise Gaussian blur with zero padding (borders lose mass, as the official code)."""
     k = gaussian_kernel(kernel_size, sigma).to(maps.device, maps.dtype)
-    c = maps.shape[1]
+    c = int(maps.shape[1])  # a constant when traced (export)
     weight = k.expand(c, 1, kernel_size, kernel_size)
     return F.conv2d(maps, weight, padding=kernel_size // 2, groups=c)
 

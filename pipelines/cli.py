@@ -1,4 +1,5 @@
-"""``inpformer`` command line: prepare | synthesize | train | evaluate | predict | sweep | pipeline | serve.
+"""``inpformer`` command line: prepare | synthesize | train | evaluate | predict | export | app | sweep |
+pipeline | serve | serve-scoring.
 
 Every command accepts ``--params PATH`` (default params.yaml) and repeated ``--set KEY=VALUE``;
 the params are validated before any work starts.
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 from components.constants import DATASET_KINDS
 from components.data.download import DownloadError
+from components.export import ExportParityError, RuntimeMissingError
 from components.model.weights import EncoderWeightsError
 from pipelines import stages
 from pipelines.config import ConfigError, Params, load_params
@@ -26,7 +28,17 @@ __all__ = ["build_parser", "main"]
 NOISY_LOGGERS = ("alembic", "mlflow", "urllib3", "httpx", "git", "PIL")
 # What the user can fix (bad input, params, files, an unreachable host): one line, exit 1. Anything
 # else (KeyError, RuntimeError, ...) is a bug: the traceback is shown.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, DownloadError, EncoderWeightsError, CommandFailed)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    DownloadError,
+    EncoderWeightsError,
+    CommandFailed,
+    ExportParityError,
+    RuntimeMissingError,
+)
+MODEL_HELP = "a model folder, registry URI (models:/inpformer@champion) or exported .onnx/.pt (default: the workspace's only model)"
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
 
 
@@ -72,11 +84,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="score new images: predictions.csv/.jsonl and overlays in the original frame")
     _common(p)
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders (recursive) or globs")
-    p.add_argument("--model", help="a model folder or registry URI (default: the workspace's only model)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--category", help="the images' category (default: from their folders)")
     p.add_argument("--limit", type=int, help="score at most this many images")
-    p.add_argument("--save-maps", action="store_true", help="also write each map as .npy (original frame)")
+    p.add_argument(
+        "--save-maps",
+        nargs="?",
+        const="npy",
+        choices=("npy", "png16"),
+        help="also write each map in the original frame: npy (float32, NaN outside the crop) or png16",
+    )
+    p.add_argument("--normalized", action="store_true", help="report scores normalised so that 0.5 is the threshold")
+    p = sub.add_parser("export", help="export the model as ONNX or TorchScript, parity-checked against PyTorch")
+    _common(p)
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--format", choices=("onnx", "torchscript"), help="default: export.format")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: export.opset)")
+    p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=None, help="dynamic batch axis")
+    p.add_argument("--out", help="target file (default: export.out_dir/model.onnx|.pt)")
+    p = sub.add_parser("app", help="web inspector on 127.0.0.1: upload images, see overlay, score and decision")
+    _common(p)
+    p.add_argument("--model", action="append", help=MODEL_HELP + " (repeat to offer several)")
+    p.add_argument("--host", help="default: serve.host (127.0.0.1)")
+    p.add_argument("--port", type=int, help="default: serve.port")
+    p = sub.add_parser("serve-scoring", help="Prefect deployment: score new images of a watched folder on a cron")
+    _common(p)
+    p.add_argument("--watch", required=True, help="folder whose new images are scored")
+    p.add_argument("--cron", default="*/10 * * * *", help='cron schedule (default "*/10 * * * *")')
+    p.add_argument("--model", help=MODEL_HELP + " (default: models:/<registered_model>@champion)")
+    p.add_argument("--out", help="output folder (default: serve.watch_out)")
+    p.add_argument("--name", default="scoring", help="deployment name")
+    p.add_argument("--once", action="store_true", help="run the flow once now instead of serving the schedule")
     p = sub.add_parser("pipeline", help="run the Prefect pipeline flow once (DVC stages as tasks)")
     _common(p)
     p = sub.add_parser("serve", help="serve the Prefect pipeline flow with a cron schedule")
@@ -135,8 +174,31 @@ def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
     elif args.command == "predict":
         from pipelines.predict import predict_images  # not needed by the other commands
 
-        options = {"model": args.model, "category": args.category, "limit": args.limit, "save_maps": args.save_maps}
+        options = {
+            "model": args.model,
+            "category": args.category,
+            "limit": args.limit,
+            "save_maps": args.save_maps,
+            "normalized": args.normalized,
+        }
         predict_images(params, args.sources, args.out, options, progress)
+    elif args.command == "export":
+        from pipelines.export import export  # onnx: imported only by the commands that need it
+
+        sets = {"format": args.format, "opset": args.opset, "dynamic_batch": args.dynamic_batch}
+        params.export = params.export.model_copy(update={k: v for k, v in sets.items() if v is not None})
+        export(params, args.model, args.out, progress)
+    elif args.command == "app":
+        from pipelines.app import run_app  # fastapi/uvicorn: imported only here
+
+        run_app(params, args.model or [], args.host, args.port)
+    elif args.command == "serve-scoring":
+        from pipelines.scoring_flow import run_once, serve_scoring  # prefect: imported only here
+
+        if args.once:
+            run_once(params, args.watch, args.model, args.out)
+        else:
+            serve_scoring(params, args.watch, args.cron, args.model, args.out, args.name)
     elif args.command == "pipeline":
         from pipelines.flows import pipeline  # prefect: imported only by the commands that need it
 

@@ -16,52 +16,48 @@ thresholded mask); optionally the raw map as ``.npy`` (NaN outside what the mode
 
 from __future__ import annotations
 
+import base64
 import csv
 import glob
 import io
 import json
-import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from components.checkpoint import load_model
+from components.checkpoint import DIGEST_FILE, MODEL_FILES, load_model
 from components.data.io import ImageReadError, is_image_file, read_rgb
-from components.data.transforms import ImageTransform
-from components.files import atomic_write_text
-from components.inference import ScoringConfig, score_batch
-from components.overlay import map_to_original, render_overlay
+from components.decision import ANOMALOUS
+from components.export import FORMATS, load_exported
+from components.files import atomic_write_text, file_digest
+from components.inference import ScoringConfig
+from components.scorer import ModelPackage, encode_map_png, overlay_for, package_from_settings, score_pil, torch_scorer
 from pipelines.builders import build_scoring, resolve_device
 from pipelines.config import Params
 from pipelines.paths import EVAL_DIR, MODELS_DIR
 from pipelines.registry import MODEL_PACKAGE_FILE
 from pipelines.tracking_guard import sqlite_path
 
-__all__ = ["ModelPackage", "collect_images", "load_package", "predict_images"]
+__all__ = [
+    "ModelPackage",
+    "collect_images",
+    "default_model",
+    "load_package",
+    "overlay_for",
+    "predict_images",
+    "score_images",
+    "score_pil",
+]
 
-PREDICT_BATCH = 8  # images per forward pass
-HEAT_SCALE = 2.0  # the colour scale ends at this multiple of the category's pixel threshold
-CSV_COLUMNS = ("path", "category", "score", "threshold", "decision", "model")
+CSV_COLUMNS = ("path", "category", "score", "threshold", "decision", "model", "version")
+WEIGHTS_FILE = MODEL_FILES[0]
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 MASK_FOLDER = "ground_truth"  # masks of an MVTec-layout tree: not images to score
-
-
-@dataclass
-class ModelPackage:
-    """A model with what scoring needs: post-processing, sizes, per-category thresholds, a label."""
-
-    model: Any
-    scoring: ScoringConfig
-    transform: ImageTransform
-    thresholds: dict[str, dict[str, float]]
-    label: str
-    categories: list[str] = field(default_factory=list)
 
 
 def collect_images(sources: list[str], limit: int | None = None) -> list[tuple[Path, Path]]:
@@ -84,41 +80,86 @@ def collect_images(sources: list[str], limit: int | None = None) -> list[tuple[P
     return found[:limit] if limit else found
 
 
-def _from_registry(p: Params, uri: str) -> Path:
+def _from_registry(p: Params, uri: str, dst: Path) -> tuple[Path, str]:
+    """Download a registered model into ``dst``: (its model folder, its version)."""
     import mlflow  # heavy: only for registry URIs
 
     db = sqlite_path(p)  # the workspace's store, as every stage resolves it
     mlflow.set_tracking_uri(f"sqlite:///{db.resolve()}" if db is not None else p.tracking.uri)
-    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="inpformer-predict-")))
-    folders = [p.parent for p in local.rglob(MODEL_PACKAGE_FILE)]
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst)))
+    folders = [f.parent for f in local.rglob(MODEL_PACKAGE_FILE)]
     if len(folders) != 1:
         msg = f"{uri}: expected one model folder with {MODEL_PACKAGE_FILE}, found {len(folders)}."
         raise ValueError(msg)
-    return folders[0]
+    version = uri.rsplit("/", 1)[-1]
+    if uri.startswith("models:/") and "@" in uri:
+        name, alias = uri[len("models:/") :].split("@", 1)
+        version = str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    return folders[0], f"v{version}" if version.isdigit() else version
+
+
+def _weights_id(folder: Path) -> str:
+    """A short id of a model folder's weights (from its digest.json, else the file itself)."""
+    digest = folder / DIGEST_FILE
+    if digest.is_file():
+        entry = json.loads(digest.read_text()).get(WEIGHTS_FILE, {})
+        if entry.get("sha256"):
+            return str(entry["sha256"])[:12]
+    weights = folder / WEIGHTS_FILE
+    return file_digest(weights)[:12] if weights.is_file() else "unknown"
+
+
+def default_model(p: Params) -> str:
+    """``serve.model``, else the workspace's only model folder."""
+    if p.serve.model:
+        return p.serve.model
+    groups = sorted(d.name for d in MODELS_DIR.iterdir() if d.is_dir()) if MODELS_DIR.is_dir() else []
+    if len(groups) != 1:
+        msg = f"{MODELS_DIR} holds {len(groups)} models ({groups}): choose one with --model (or serve.model)."
+        raise ValueError(msg)
+    return str(MODELS_DIR / groups[0])
 
 
 def load_package(p: Params, ref: str | None, device: str) -> ModelPackage:
-    """The model of ``ref`` (a folder or a registry URI; default: the workspace's only model)."""
-    if ref is None:
-        groups = sorted(d.name for d in MODELS_DIR.iterdir() if d.is_dir()) if MODELS_DIR.is_dir() else []
-        if len(groups) != 1:
-            msg = f"{MODELS_DIR} holds {len(groups)} models ({groups}): choose one with --model."
-            raise ValueError(msg)
-        ref = str(MODELS_DIR / groups[0])
-    registered = ref.startswith(REGISTRY_SCHEMES)
-    folder = _from_registry(p, ref) if registered else Path(ref)
-    model, config = load_model(folder, device)
-    package_file = folder / MODEL_PACKAGE_FILE
-    if package_file.is_file():
-        package = json.loads(package_file.read_text())
-        scoring, thresholds = ScoringConfig.from_dict(package["scoring"]), package.get("thresholds", {})
-    else:
-        scoring = build_scoring(p, model.seg_head is not None)
-        table = EVAL_DIR / "thresholds.json"
-        thresholds = json.loads(table.read_text()) if table.is_file() else {}
-    categories = list(config.get("categories") or thresholds)
-    transform = ImageTransform(resize=int(config["image_size"]), crop=int(config["crop_size"]))
-    return ModelPackage(model, scoring, transform, thresholds, ref, categories)
+    """The model of ``ref``: a model folder, a registry URI or an exported ``.onnx`` / ``.pt`` file
+    (default: :func:`default_model`)."""
+    ref = ref or default_model(p)
+    if ref.endswith(tuple(FORMATS.values())):
+        if not Path(ref).is_file():
+            msg = f"{ref}: no such exported model; write one with `inpformer export`."
+            raise FileNotFoundError(msg)
+        scorer = load_exported(ref, device)
+        meta = scorer.metadata
+        return package_from_settings(scorer, meta, ref, str(meta.get("version", "exported")))
+    with tempfile.TemporaryDirectory(prefix="inpformer-model-") as tmp:
+        if ref.startswith(REGISTRY_SCHEMES):
+            folder, version = _from_registry(p, ref, Path(tmp))
+        else:
+            folder, version = Path(ref), ""
+            if not (folder / "config.json").is_file():
+                msg = (
+                    f"{ref}: not a model folder (no config.json), registry URI (models:/…, runs:/…) or .onnx/.pt file."
+                )
+                raise FileNotFoundError(msg)
+        model, config = load_model(folder, device)
+        version = version or _weights_id(folder)
+        package_file = folder / MODEL_PACKAGE_FILE
+        if package_file.is_file():
+            settings = json.loads(package_file.read_text())
+        else:
+            table = EVAL_DIR / "thresholds.json"
+            settings = {
+                "scoring": asdict(build_scoring(p, model.seg_head is not None)),
+                "thresholds": json.loads(table.read_text()) if table.is_file() else {},
+                "normalize": p.eval.threshold.normalize,
+            }
+        settings = {**settings, "image_size": config["image_size"], "crop_size": config["crop_size"]}
+    scoring = ScoringConfig.from_dict(settings["scoring"])
+    package = package_from_settings(
+        torch_scorer(model, scoring, device), settings, ref, version, list(config.get("categories") or [])
+    )
+    package.scoring, package.model = scoring, model
+    return package
 
 
 def _categories(images: list[tuple[Path, Path]], package: ModelPackage, forced: str | None) -> list[str]:
@@ -144,73 +185,94 @@ def _categories(images: list[tuple[Path, Path]], package: ModelPackage, forced: 
 def predict_images(
     p: Params, sources: list[str], out: str | os.PathLike, options: dict[str, Any], progress: bool = False
 ) -> dict[str, Any]:
-    """Score ``sources`` into ``out``; ``options``: model, category, limit, save_maps. Returns a summary."""
-    out = Path(out)
+    """Score ``sources`` into ``out``; ``options``: model, category, limit, save_maps (npy|png16).
+
+    Returns a summary with the rows written.
+    """
     device = resolve_device(p.train.device)
-    package = load_package(p, options.get("model"), device)
+    package = options.get("package") or load_package(p, options.get("model"), device)
+    if options.get("normalized"):
+        package.rule.normalized = True
     images = collect_images(sources, options.get("limit"))
+    return score_images(p, package, images, Path(out), options, progress)
+
+
+def score_images(
+    p: Params,
+    package: ModelPackage,
+    images: list[tuple[Path, Path]],
+    out: Path,
+    options: dict[str, Any],
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score ``images`` ((image, its source root) pairs) with ``package`` into ``out``."""
     categories = _categories(images, package, options.get("category"))
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
-    batches = range(0, len(images), PREDICT_BATCH)
-    for start in tqdm(batches, desc="predict", disable=not progress):
+    size = p.serve.batch_size
+    for start in tqdm(range(0, len(images), size), desc="predict", disable=not progress, unit="batch"):
         loaded = []
-        for (image, root), category in zip(images[start : start + PREDICT_BATCH], categories[start:]):
+        for (image, root), category in zip(images[start : start + size], categories[start : start + size]):
             try:
                 loaded.append((image, root, category, read_rgb(image)))
             except ImageReadError as err:
                 skipped.append(str(err))
         if loaded:
-            rows += _score(package, loaded, out, bool(options.get("save_maps")), device)
-    _write_tables(out, rows)
+            rows += _score(p, package, loaded, out, options.get("save_maps") or "")
+    _write_tables(out, rows, append=bool(options.get("append")))
     for message in skipped:
         print(f"skipped: {message}")
-    flagged = sum(r["decision"] == "anomalous" for r in rows)
+    flagged = sum(r["decision"] == ANOMALOUS for r in rows)
     print(f"{len(rows)} image(s) scored ({flagged} anomalous), {len(skipped)} skipped → {out}/predictions.csv")
-    return {"scored": len(rows), "anomalous": flagged, "skipped": skipped}
+    return {"scored": len(rows), "anomalous": flagged, "skipped": skipped, "rows": rows}
 
 
-def _score(package: ModelPackage, loaded: list, out: Path, save_maps: bool, device: str) -> list[dict[str, Any]]:
-    batch = torch.stack([package.transform(img) for *_, img in loaded]).to(device)
-    with torch.no_grad():
-        maps, scores = score_batch(package.model, batch, package.scoring)
+def _score(p: Params, package: ModelPackage, loaded: list, out: Path, save_maps: str) -> list[dict[str, Any]]:
+    results = score_pil(package, [img for *_, img in loaded], [c for _, _, c, _ in loaded])
     rows = []
-    for (image, root, category, img), amap, score in zip(loaded, maps[:, 0].cpu().numpy(), scores.tolist()):
-        limits = package.thresholds.get(category, {})
-        threshold = float(limits.get("image_threshold", math.nan))
-        pixel = float(limits.get("pixel_threshold", math.nan))
-        full = map_to_original(amap, img.size, package.transform.resize, package.transform.crop)
-        vmax = HEAT_SCALE * pixel if math.isfinite(pixel) else float(np.nanmax(full))
-        rel = image.relative_to(root)
-        target = out / "overlays" / Path(rel).with_suffix(".png")
+    for (image, root, category, img), res in zip(loaded, results):
+        rel = Path(image.relative_to(root))
+        target = out / "overlays" / rel.with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
-        render_overlay(img, full, vmax, pixel).save(target)
+        overlay_for(package, img, category, res["map"], p.serve.heat_scale).save(target)
         if save_maps:
-            buffer = io.BytesIO()
-            np.save(buffer, full)
-            map_file = out / "maps" / Path(rel).with_suffix(".npy")
-            map_file.parent.mkdir(parents=True, exist_ok=True)
-            map_file.write_bytes(buffer.getvalue())
-        decision = "unknown" if not math.isfinite(threshold) else ("anomalous" if score >= threshold else "normal")
+            _save_map(out / "maps" / rel, res["map"], save_maps)
         rows.append(
             {
                 "path": str(image),
                 "category": category,
-                "score": float(score),
-                "threshold": threshold,
-                "decision": decision,
+                "score": res["score"],
+                "threshold": res["threshold"],
+                "decision": res["decision"],
                 "model": package.label,
+                "version": package.version,
                 "overlay": str(target),
             }
         )
     return rows
 
 
-def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
+def _save_map(stem: Path, full: np.ndarray, kind: str) -> None:
+    """``npy``: float32 with NaN outside the crop; ``png16``: 16-bit PNG (0 outside the crop), value v
+    meaning ``v / 65535 * scale`` with ``scale`` in the PNG's text chunk (:func:`encode_map_png`)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, full)
+        stem.with_suffix(".npy").write_bytes(buffer.getvalue())
+    else:
+        stem.with_suffix(".png").write_bytes(base64.b64decode(encode_map_png(full)[0]))
+
+
+def _write_tables(out: Path, rows: list[dict[str, Any]], append: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    csv_file, jsonl_file = out / "predictions.csv", out / "predictions.jsonl"
+    old_csv = csv_file.read_text() if append and csv_file.is_file() else ""
+    old_jsonl = jsonl_file.read_text() if append and jsonl_file.is_file() else ""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[*CSV_COLUMNS, "overlay"])
-    writer.writeheader()
+    if not old_csv:
+        writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "predictions.csv", buffer.getvalue())
-    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(csv_file, old_csv + buffer.getvalue())
+    atomic_write_text(jsonl_file, old_jsonl + "".join(json.dumps(r) + "\n" for r in rows))

@@ -47,9 +47,10 @@ __all__ = [
 MODEL_PACKAGE_FILE = "scoring.json"  # written into the registered model folder, read by the pyfunc
 CHAMPION = "champion"
 CANDIDATE = "candidate"
-MODEL_REQUIREMENTS = ("torch", "timm", "safetensors", "numpy", "pillow", "pyyaml")  # what the pyfunc imports
+MODEL_REQUIREMENTS = ("torch", "timm", "safetensors", "numpy", "pillow", "pyyaml", "pandas")  # what the pyfunc imports
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # models from code: no pickle
 CODE_PACKAGES = ("components", "pipelines")
+EXAMPLE_SIDE = 32  # pixels of the input example's image
 ALIAS_UNSAFE = re.compile(r"[^\w-]")  # MLflow aliases allow letters, digits, '_' and '-'
 
 
@@ -116,14 +117,33 @@ def _save_pyfunc(mlflow: Any, model_dir: Path, package: dict[str, Any], out: Pat
     shutil.copytree(model_dir, staged)
     (staged / MODEL_PACKAGE_FILE).write_text(json.dumps(package, indent=2, sort_keys=True))
     root = Path(__file__).resolve().parents[1]
+    from pipelines.pyfunc import model_signature  # imports mlflow.pyfunc: only when logging
+
+    categories = list(package.get("thresholds", {}))
     mlflow.pyfunc.save_model(
         path=str(out),
         python_model=str(PYFUNC_CODE),
         artifacts={"model": str(staged)},
         pip_requirements=pinned_requirements(),
         code_paths=[str(root / d) for d in CODE_PACKAGES],
+        signature=model_signature(categories),
+        input_example=_input_example(categories),
     )
     _relative_paths(out / "MLmodel")
+
+
+def _input_example(categories: list[str]) -> Any:
+    """One row: a small grey PNG (base64) and the first category."""
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (EXAMPLE_SIDE, EXAMPLE_SIDE), (128, 128, 128)).save(buffer, format="PNG")
+    row = {"image": base64.b64encode(buffer.getvalue()).decode("ascii"), "category": categories[0] if categories else ""}
+    return pd.DataFrame([row])
 
 
 def log_and_register_model(

@@ -70,7 +70,7 @@ def test_predict_writes_rows_and_overlays_per_category(scored_workspace) -> None
     from pipelines.predict import predict_images
 
     p = load_params("params.yaml", ["train.device=cpu"])
-    summary = predict_images(p, ["new"], "out", {"save_maps": True})
+    summary = predict_images(p, ["new"], "out", {"save_maps": "npy"})
     assert summary["scored"] == 6 and len(summary["skipped"]) == 1 and "broken.png" in summary["skipped"][0]
     rows = list(csv.DictReader((scored_workspace / "out" / "predictions.csv").open()))
     assert [r["category"] for r in rows] == ["a"] * 3 + ["b"] * 3  # from the folder names
@@ -104,17 +104,3 @@ def test_predict_cli(scored_workspace) -> None:
     assert main(["predict", "new/b", "--out", "o2", "--set", "train.device=cpu"]) == 0
     assert len((scored_workspace / "o2" / "predictions.csv").read_text().splitlines()) == 4
     assert main(["predict", "missing-folder"]) == 1
-
-
-def test_pyfunc_takes_images_of_any_integer_dtype(scored_workspace) -> None:
-    from pipelines.pyfunc import InpFormerPyfunc
-
-    model = InpFormerPyfunc()
-    model.transform = ImageTransform(64, 56)
-    images = np.random.default_rng(0).integers(0, 256, (2, 50, 70, 3))
-    as_uint8 = model.to_batch(images.astype(np.uint8))
-    for dtype in (np.int64, np.int32, np.uint16):  # what a JSON request delivers, and others
-        assert torch.equal(model.to_batch(images.astype(dtype)), as_uint8)
-    assert model.to_batch(images[0].astype(np.int64)).shape == (1, 3, 56, 56)
-    with pytest.raises(ValueError, match="0…255"):
-        model.to_batch(images.astype(np.int64) + 300)

@@ -14,6 +14,8 @@ explicit step (:func:`components.model.weights.load_pretrained`).
 
 from __future__ import annotations
 
+import math
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -101,7 +103,7 @@ class FrozenDinoEncoder(nn.Module):
         """Position table for the patch tokens of a ``grid``: 1×(h·w)×C."""
         pos = self.vit.pos_embed  # 1×(37·37)×C, patches only (timm no_embed_class layout)
         n, c = pos.shape[1], pos.shape[2]
-        side = int(round(n**0.5))
+        side = math.isqrt(int(n))
         h, w = grid
         if (h, w) == (side, side):
             return pos
@@ -119,7 +121,7 @@ class FrozenDinoEncoder(nn.Module):
     def prepare_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images B×3×H×W → tokens B×(1+4+h·w)×C ordered [cls, reg1..reg4, patches]."""
         x = self.vit.patch_embed.proj(images)  # B×C×h×w
-        grid = (x.shape[-2], x.shape[-1])
+        grid = (int(x.shape[-2]), int(x.shape[-1]))  # constants when traced (export: fixed size)
         x = x.flatten(2).transpose(1, 2)
         x = self.vit.patch_embed.norm(x)
         x = x + self.patch_pos_embed(grid)

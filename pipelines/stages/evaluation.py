@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import pandas as pd
 
 from components.checkpoint import load_model
 from components.data.datasets import ImageDataset, Record
+from components.decision import calibrate
 from components.files import atomic_write_text
 from components.inference import InferenceResult, ScoringConfig, predict
 from components.metrics import METRIC_KEYS, evaluate_arrays
@@ -68,8 +70,14 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
         ev.scoring[group] = build_scoring(p, model.seg_head is not None)
         ev.pretrained[group] = bool(mcfg.get("encoder_pretrained", False))
         for cat in group_cats:
-            ds = ImageDataset([r for r in test if r.category == cat], tf)
-            _evaluate_category(p, model, ev.scoring[group], ev, ds, device, staging / "plots", progress)
+            calib, scored = calibration_split(p, [r for r in test if r.category == cat])
+            ds = ImageDataset(scored, tf)
+            res = _evaluate_category(p, model, ev.scoring[group], ev, ds, device, staging / "plots", progress)
+            if calib is not None:  # thresholds from held-out images, not the scored ones
+                e = p.eval
+                res = predict(model, ImageDataset(calib, tf), ev.scoring[group], e.batch_size, device, 0, progress)
+            masks = res.masks if res.masks is not None and res.masks.any() else None
+            ev.thresholds[cat] = calibrate(res.scores, res.labels, res.maps, masks, p.eval.threshold.fpr).to_dict()
     metrics = {"mean": ev.mean(), "categories": ev.per_category}
     _write_reports(staging, ev)
     _replace(staging / "curves", CURVES_DIR)
@@ -101,6 +109,25 @@ def check_test_split(p: Params, test: list[Record]) -> None:
             "undefined (NaN) and left out of the means.",
             one_sided,
         )
+
+
+def calibration_split(p: Params, records: list[Record]) -> tuple[list[Record] | None, list[Record]]:
+    """(calibration images or None, images to score) of one category (``eval.threshold``).
+
+    ``split: test``: the thresholds come from the scored images themselves (None). ``validation``: a
+    seeded share of each label's images (at least one left to score) calibrates and is not scored.
+    """
+    t = p.eval.threshold
+    if t.split == "test":
+        return None, records
+    rng = random.Random(t.seed)
+    calib: list[Record] = []
+    for label in (0, 1):
+        same = sorted((r for r in records if r.label == label), key=lambda r: r.path)
+        rng.shuffle(same)
+        calib += same[: min(len(same) - 1, max(1, round(len(same) * t.validation_fraction)))] if same else []
+    held = {r.path for r in calib}
+    return calib, [r for r in records if r.path not in held]
 
 
 def _replace(staged: Path, target: Path) -> None:
@@ -138,7 +165,6 @@ def _evaluate_category(
     maps, masks = (res.maps, res.masks) if has_masks else (None, None)
     m = evaluate_arrays(res.scores, res.labels, maps, masks, e.metrics_mode, e.fpr_limit)
     ev.per_category[cat] = {k: m[k] for k in METRIC_KEYS}
-    ev.thresholds[cat] = {"image_threshold": m["image_threshold"], "pixel_threshold": m["pixel_threshold"]}
     safe = cat.replace("/", "_")
     for kind, columns in curve_tables(res.scores, res.labels, maps, masks, e.fpr_limit, e.curve_points).items():
         (plots_dir.parent / "curves" / kind).mkdir(parents=True, exist_ok=True)
@@ -161,16 +187,13 @@ def _write_reports(folder: Path, ev: Evaluation) -> None:
 def model_package(p: Params, ev: Evaluation, group: str) -> dict[str, Any]:
     """What a registered model needs besides its weights: scoring, transform sizes, thresholds."""
     cats = ev.groups[group]
-    if len(cats) == 1:
-        image_threshold = ev.thresholds.get(cats[0], {}).get("image_threshold", math.nan)
-    else:
-        image_threshold = float(np.nanmedian([ev.thresholds[c]["image_threshold"] for c in cats]))
     return {
         "scoring": asdict(ev.scoring[group]),
         "image_size": p.data.image_size,
         "crop_size": p.data.crop_size,
-        "image_threshold": image_threshold,
         "thresholds": {c: ev.thresholds[c] for c in cats},
+        "normalize": p.eval.threshold.normalize,
+        "threshold_split": p.eval.threshold.split,
     }
 
 
