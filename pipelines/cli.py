@@ -196,9 +196,10 @@ def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
         from pipelines.scoring_flow import run_once, serve_scoring  # prefect: imported only here
 
         if args.once:
-            run_once(params, args.watch, args.model, args.out)
+            summary = run_once(args.watch, args.model, args.out, args.overrides)
+            print(f"scored {summary['scored']} new image(s), {summary['flagged']} flagged ({summary['version']})")
         else:
-            serve_scoring(params, args.watch, args.cron, args.model, args.out, args.name)
+            serve_scoring(args.watch, args.cron, args.model, args.out, args.name, args.overrides)
     elif args.command == "pipeline":
         from pipelines.flows import pipeline  # prefect: imported only by the commands that need it
 

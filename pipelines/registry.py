@@ -142,7 +142,10 @@ def _input_example(categories: list[str]) -> Any:
 
     buffer = io.BytesIO()
     Image.new("RGB", (EXAMPLE_SIDE, EXAMPLE_SIDE), (128, 128, 128)).save(buffer, format="PNG")
-    row = {"image": base64.b64encode(buffer.getvalue()).decode("ascii"), "category": categories[0] if categories else ""}
+    row = {
+        "image": base64.b64encode(buffer.getvalue()).decode("ascii"),
+        "category": categories[0] if categories else "",
+    }
     return pd.DataFrame([row])
 
 

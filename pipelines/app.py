@@ -1,0 +1,181 @@
+"""``inpformer app``: a web inspector on 127.0.0.1 (FastAPI, one page, no build step).
+
+Pick a model (workspace folders, registered versions and aliases, exported files, or those given
+with ``--model``) and a category, drop or choose images, and see each one's overlay (in its own
+pixel frame), score, threshold and decision. A slider moves the image threshold; decisions update
+at once. Scoring goes through the same :class:`~components.decision.DecisionRule` as ``predict``
+and the MLflow model.
+
+API: ``GET /api/models`` → ``{ref: {categories, version, thresholds}}``; ``POST /api/score`` with
+``{"model", "category", "image": base64 file}`` → score, threshold, decision, the category's score
+range, and the overlay as a base64 PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import math
+import socket
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
+
+from pipelines.app_page import PAGE
+from pipelines.builders import resolve_device
+from pipelines.config import Params
+from pipelines.paths import MODELS_DIR
+from pipelines.predict import ModelPackage, load_package, overlay_for, score_pil
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ScoreRequest", "create_app", "offered_models", "run_app"]
+
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+REGISTRY_VERSIONS = 20  # newest registered versions offered
+
+
+class ScoreRequest(BaseModel):
+    """One image to score."""
+
+    model: str
+    category: str = ""
+    image: str  # base64 of the file
+
+
+def offered_models(p: Params, given: list[str]) -> list[str]:
+    """``given``, else the workspace's model folders, exported files and registry versions/aliases."""
+    if given:
+        return list(given)
+    refs = (
+        [str(d) for d in sorted(MODELS_DIR.iterdir()) if (d / "config.json").is_file()] if MODELS_DIR.is_dir() else []
+    )
+    exported = Path(p.export.out_dir)
+    if exported.is_dir():
+        refs += [str(f) for f in sorted(exported.iterdir()) if f.suffix in (".onnx", ".pt")]
+    return refs + _registry_refs(p)
+
+
+def _registry_refs(p: Params) -> list[str]:
+    from pipelines.tracking_guard import sqlite_path
+
+    db = sqlite_path(p)
+    if not p.tracking.enabled or db is None or not db.is_file():
+        return []
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{db.resolve()}")
+        name = p.tracking.registered_model
+        model = client.get_registered_model(name)
+        versions = client.search_model_versions(f"name='{name}'", max_results=REGISTRY_VERSIONS)
+    except Exception as err:  # no registry yet, or unreadable: the workspace models still work
+        logger.info("registry not offered: %s", err)
+        return []
+    aliases = [f"models:/{name}@{a}" for a in sorted(model.aliases)]
+    numbers = sorted((int(v.version) for v in versions), reverse=True)
+    return aliases + [f"models:/{name}/{v}" for v in numbers]
+
+
+def _decode(text: str) -> Image.Image:
+    try:
+        data = base64.b64decode(text.split(",", 1)[-1], validate=True)  # data URLs too
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise ValueError(f"larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except UnidentifiedImageError as err:
+        raise HTTPException(status_code=400, detail="not an image file (PNG, JPEG, BMP, TIFF, WebP)") from err
+    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise HTTPException(status_code=400, detail=f"not an image file: {err}") from err
+
+
+def create_app(p: Params, models: list[str]) -> FastAPI:
+    """The app offering ``models`` (loaded on first use and kept)."""
+    app = FastAPI(title="inpformer inspector")
+    device = resolve_device(p.train.device)
+    cache: dict[str, ModelPackage] = {}
+
+    def package(ref: str) -> ModelPackage:
+        if ref not in models:
+            raise HTTPException(status_code=404, detail=f"model {ref!r} is not offered: {models}")
+        if ref not in cache:
+            try:
+                cache[ref] = load_package(p, ref, device)
+            except (ValueError, FileNotFoundError, ImportError) as err:
+                raise HTTPException(status_code=422, detail=f"{ref}: {err}") from err
+        return cache[ref]
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return PAGE
+
+    @app.get("/api/models")
+    def list_models() -> dict[str, Any]:
+        out = {}
+        for ref in models:
+            try:
+                pkg = package(ref)
+            except HTTPException as err:
+                out[ref] = {"error": err.detail, "categories": []}
+                continue
+            out[ref] = {"categories": pkg.categories, "version": pkg.version}
+        return out
+
+    @app.post("/api/score")
+    def score(request: ScoreRequest) -> dict[str, Any]:
+        pkg = package(request.model)
+        category = request.category or (pkg.categories[0] if len(pkg.categories) == 1 else "")
+        if category not in pkg.categories:
+            raise HTTPException(status_code=422, detail=f"category {category!r} is not one of {pkg.categories}")
+        image = _decode(request.image)
+        res = score_pil(pkg, [image], [category])[0]
+        overlay = overlay_for(pkg, image, category, res["map"], p.serve.heat_scale)
+        buffer = io.BytesIO()
+        overlay.save(buffer, format="PNG")
+        t = pkg.rule.of(category)
+        low, high = (0.0, 1.0) if pkg.rule.normalized else (t.image_min, t.image_max)
+        return {
+            "category": category,
+            "score": _finite(res["score"], None),
+            "threshold": _finite(res["threshold"], None),
+            "decision": res["decision"],
+            "rule": t.rule,
+            "range": [_finite(low, res["score"]), _finite(high, res["score"])],  # slider bounds
+            "version": pkg.version,
+            "overlay": base64.b64encode(buffer.getvalue()).decode("ascii"),
+        }
+
+    return app
+
+
+def _finite(x: float, fallback: float) -> float:
+    return float(x) if x == x and abs(x) != float("inf") else float(fallback)
+
+
+def run_app(p: Params, models: list[str], host: str | None, port: int | None) -> None:
+    """Serve the app (``serve.host``:``serve.port`` unless given) until interrupted."""
+    import uvicorn
+
+    offered = offered_models(p, models)
+    if not offered:
+        msg = "no model to offer: train one (dvc repro), or pass --model (folder, models:/…, .onnx)."
+        raise FileNotFoundError(msg)
+    host, port = host or p.serve.host, port or p.serve.port
+    print(f"inpformer inspector on http://{host}:{port}/ with {len(offered)} model(s)")
+    uvicorn.run(create_app(p, offered), host=host, port=port, log_level="warning")
+
+
+def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A bound, listening socket (port 0: a free one), for serving without a start-up race."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(16)
+    return sock
