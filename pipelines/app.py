@@ -17,7 +17,6 @@ import base64
 import binascii
 import io
 import logging
-import math
 import socket
 from pathlib import Path
 from typing import Any

@@ -10,12 +10,11 @@ validated the same way. A missing or empty params file is an error, never "all d
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from components.constants import (
     AMP_MODES,
@@ -30,49 +29,14 @@ from components.constants import (
     RESIDUAL_MODES,
     SEG_HEAD_LAYOUTS,
 )
+from pipelines.config_base import SETTING_KINDS, ConfigError, Seed, Slug, StrictParams, check_slug
+from pipelines.config_deploy import ExportParams, ServeParams, ThresholdParams
 from pipelines.overrides import OverrideError, apply_overrides, flatten, set_dotted
 
 __all__ = ["ConfigError", "Params", "apply_overrides", "check_slug", "flatten", "load_params", "set_dotted"]
 
-SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # names that become folder names: no separators
 
-
-def check_slug(value: str) -> str:
-    """A name that becomes a folder (dataset, study): letters, digits, ``_ . -``; never ``..`` or a path."""
-    if not SLUG.fullmatch(value) or ".." in value:
-        msg = f"{value!r} is not a safe name: use letters, digits, '_', '.', '-' (no '/', no '..', at most 100)"
-        raise ValueError(msg)
-    return value
-
-
-Slug = Annotated[str, AfterValidator(check_slug)]
-
-SEED_MAX = 2**32 - 1  # numpy's seed range
-Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
-
-SETTING_KINDS = ("single_class", "multi_class", "super_multi_class", "few_shot", "semi_supervised", "zero_shot")
-
-
-class ConfigError(ValueError):
-    """params.yaml or an override is invalid; the message names the key."""
-
-
-class _Strict(BaseModel):
-    """Unknown keys, non-finite floats and booleans where numbers are expected are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_numbers(cls, value: Any, info: Any) -> Any:
-        field = cls.model_fields[info.field_name]
-        if isinstance(value, bool) and field.annotation in (int, float):
-            msg = f"expected a number, got the boolean {value!r}"
-            raise ValueError(msg)
-        return value
-
-
-class SettingParams(_Strict):
+class SettingParams(StrictParams):
     """Which of the paper's settings to run."""
 
     kind: Literal[SETTING_KINDS] = "multi_class"  # type: ignore[valid-type]
@@ -81,7 +45,7 @@ class SettingParams(_Strict):
     zero_shot_source: str = ""  # folder of a trained model (source dataset) for zero-shot
 
 
-class SyntheticParams(_Strict):
+class SyntheticParams(StrictParams):
     """The embedded default dataset."""
 
     seed: Seed = 0
@@ -92,7 +56,7 @@ class SyntheticParams(_Strict):
     categories: list[str] = Field(default_factory=lambda: ["brick", "grass", "gravel", "washer"])
 
 
-class ExtractParams(_Strict):
+class ExtractParams(StrictParams):
     """Limits on archive extraction (decompression bombs); generous defaults."""
 
     max_gb: float = Field(500.0, gt=0)
@@ -100,7 +64,7 @@ class ExtractParams(_Strict):
     max_members: int = Field(5_000_000, ge=1)
 
 
-class DataParams(_Strict):
+class DataParams(StrictParams):
     """Where images come from and how they are shaped."""
 
     dataset: Literal[DATASET_KINDS] = "mvtec"  # type: ignore[valid-type]
@@ -127,7 +91,7 @@ class DataParams(_Strict):
         return self
 
 
-class SynthesisParams(_Strict):
+class SynthesisParams(StrictParams):
     """Pseudo anomalies for the INP-Former++ head (spec §13.6)."""
 
     enabled: bool = True
@@ -142,7 +106,7 @@ class SynthesisParams(_Strict):
     seed: Seed = 0
 
 
-class ModelParams(_Strict):
+class ModelParams(StrictParams):
     """INP-Former(++) architecture (spec §3–§7, §13.4)."""
 
     encoder: str = "dinov2reg_vit_base_14"
@@ -168,7 +132,7 @@ class ModelParams(_Strict):
     encoder_overrides: dict[str, int] = Field(default_factory=dict)  # dev/tests: tiny encoders (no real weights)
 
 
-class LossParams(_Strict):
+class LossParams(StrictParams):
     """L = L_sm + λ·L_coh (+ β·L_seg) (spec §8, §13)."""
 
     gamma: float = Field(3.0, ge=0)
@@ -183,7 +147,7 @@ class LossParams(_Strict):
     dice_only_anomalous: bool = True
 
 
-class TrainParams(_Strict):
+class TrainParams(StrictParams):
     """Optimisation (spec §9) and run control."""
 
     epochs: int = Field(200, ge=1)
@@ -218,17 +182,7 @@ class TrainParams(_Strict):
         return v
 
 
-class ThresholdParams(_Strict):
-    """How per-category decision thresholds are calibrated (components/decision.py)."""
-
-    split: Literal["test", "validation"] = "test"  # test: F1-optimal on the evaluated images (paper's F1max)
-    validation_fraction: float = Field(0.3, gt=0, lt=1)  # split=validation: share of each category's test images
-    fpr: float = Field(0.01, gt=0, lt=1)  # without anomalous calibration images: flag this share of normals
-    normalize: bool = False  # report scores normalised so that 0.5 is every category's threshold
-    seed: Seed = 0
-
-
-class EvalParams(_Strict):
+class EvalParams(StrictParams):
     """Anomaly maps, post-processing and metrics (spec §12, §13.8)."""
 
     map: Literal[("auto", *MAP_KINDS)] = "auto"  # type: ignore[valid-type]
@@ -246,7 +200,7 @@ class EvalParams(_Strict):
     threshold: ThresholdParams = Field(default_factory=ThresholdParams)
 
 
-class TrackingParams(_Strict):
+class TrackingParams(StrictParams):
     """MLflow tracking and registry."""
 
     enabled: bool = True
@@ -259,7 +213,7 @@ class TrackingParams(_Strict):
     timeout_s: float = Field(10.0, gt=0)  # wait this long for a locked SQLite tracking database
 
 
-class SweepParams(_Strict):
+class SweepParams(StrictParams):
     """Optuna sweeps (M, γ, λ, ...)."""
 
     study: Slug = "inpformer-sweep"
@@ -283,31 +237,7 @@ class SweepParams(_Strict):
     )
 
 
-class ExportParams(_Strict):
-    """``inpformer export``: formats, and the parity check against PyTorch at export time."""
-
-    format: Literal["onnx", "torchscript"] = "onnx"
-    opset: int = Field(17, ge=11)
-    dynamic_batch: bool = True
-    parity_images: int = Field(8, ge=1)  # images of the evaluation split the export is checked on
-    map_rtol: float = Field(1.0e-4, gt=0)  # max |map diff| / max |map|
-    score_rtol: float = Field(1.0e-5, gt=0)  # max |score diff| / max |score|
-    out_dir: str = "artifacts/export"
-
-
-class ServeParams(_Strict):
-    """``inpformer predict``, ``inpformer app`` and ``inpformer serve-scoring``."""
-
-    batch_size: int = Field(8, ge=1)
-    heat_scale: float = Field(2.0, gt=0)  # overlay colour scale ends at this multiple of the pixel threshold
-    map_size: int = Field(64, ge=8)  # side of the compact maps the pyfunc returns on request
-    host: str = "127.0.0.1"
-    port: int = Field(7860, ge=1, le=65535)
-    model: str = ""  # default model of predict/app/scoring ('' : the workspace's only model)
-    watch_out: str = "artifacts/scoring"  # where serve-scoring writes predictions and overlays
-
-
-class Params(_Strict):
+class Params(StrictParams):
     """The whole of params.yaml."""
 
     seed: Seed = 1

@@ -104,8 +104,14 @@ def scoring_flow(
 
 
 def _parameters(watch: str, model: str | None, out: str | None, overrides: list[str]) -> dict[str, Any]:
-    return {"watch": str(Path(watch).resolve()), "out": out or "", "model": model or "", "root": os.getcwd(),
-            "overrides": list(overrides)}  # fmt: skip
+    """The flow's parameters: absolute watch folder and workspace root."""
+    return {
+        "watch": str(Path(watch).resolve()),
+        "out": out or "",
+        "model": model or "",
+        "root": os.getcwd(),
+        "overrides": list(overrides),
+    }
 
 
 def run_once(watch: str, model: str | None, out: str | None, overrides: list[str]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from conftest import tiny_model
 from PIL import Image
 
 from components.checkpoint import save_model
-from components.data.transforms import ImageTransform
 from components.overlay import crop_box, map_to_original, mask_outline
 from pipelines.config import load_params
 

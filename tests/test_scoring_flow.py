@@ -28,9 +28,9 @@ def _add_images(folder: Path, names: list[str], seed: int) -> None:
 
 def test_scoring_flow_scores_each_new_image_once(tmp_path, monkeypatch) -> None:
     from prefect.testing.utilities import prefect_test_harness
+    from test_flows import _artifact
 
     from pipelines.scoring_flow import FLAGGED_KEY, LEDGER_FILE, scoring_flow
-    from test_flows import _artifact
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)

@@ -73,11 +73,7 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
             calib, scored = calibration_split(p, [r for r in test if r.category == cat])
             ds = ImageDataset(scored, tf)
             res = _evaluate_category(p, model, ev.scoring[group], ev, ds, device, staging / "plots", progress)
-            if calib is not None:  # thresholds from held-out images, not the scored ones
-                e = p.eval
-                res = predict(model, ImageDataset(calib, tf), ev.scoring[group], e.batch_size, device, 0, progress)
-            masks = res.masks if res.masks is not None and res.masks.any() else None
-            ev.thresholds[cat] = calibrate(res.scores, res.labels, res.maps, masks, p.eval.threshold.fpr).to_dict()
+            ev.thresholds[cat] = _thresholds(p, model, ev.scoring[group], calib, res, device, progress)
     metrics = {"mean": ev.mean(), "categories": ev.per_category}
     _write_reports(staging, ev)
     _replace(staging / "curves", CURVES_DIR)
@@ -109,6 +105,27 @@ def check_test_split(p: Params, test: list[Record]) -> None:
             "undefined (NaN) and left out of the means.",
             one_sided,
         )
+
+
+def _thresholds(
+    p: Params,
+    model: Any,
+    scoring: ScoringConfig,
+    calib: list[Record] | None,
+    res: InferenceResult,
+    device: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """One category's thresholds from ``calib`` (held out), else from the scored images' ``res``."""
+    where = "test"
+    if calib:
+        e, where = p.eval, "validation"
+        res = predict(model, ImageDataset(calib, build_transform(p)), scoring, e.batch_size, device, 0, progress)
+    elif calib is not None:
+        logger.warning("%s: too few test images to hold out; calibrating on the scored ones.", res.categories[:1])
+    masks = res.masks if res.masks is not None and res.masks.any() else None
+    found = calibrate(res.scores, res.labels, res.maps, masks, p.eval.threshold.fpr).to_dict()
+    return {**found, "rule": f"{found['rule']}@{where}"}
 
 
 def calibration_split(p: Params, records: list[Record]) -> tuple[list[Record] | None, list[Record]]:
