@@ -12,6 +12,8 @@ onnx and onnxruntime are imported inside the functions (the ``export`` extra).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import warnings
@@ -66,23 +68,31 @@ class Scorer:
         metadata: the artifact's ``inpformer`` JSON (scoring, sizes, thresholds, categories).
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu") -> None:
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", runtime: str = "onnxruntime") -> None:
         path = Path(path)
-        self.path, self.device = path, device
+        self.path, self.device, self.runtime = path, device, runtime
+        self.session = self.module = self.compiled = None
         if path.suffix == FORMATS["onnx"]:
             import onnx
-            import onnxruntime as ort
 
             meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
-            available = ort.get_available_providers()
-            self.session = ort.InferenceSession(
-                str(path), providers=[p for p in (providers or ["CPUExecutionProvider"]) if p in available]
-            )
-            self.module = None
+            if runtime == "openvino":
+                import openvino
+
+                # f32: OpenVINO would otherwise run bf16 on CPUs that have it (maps off by ~1e-2)
+                self.compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            else:
+                import onnxruntime as ort
+
+                wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else []
+                available = ort.get_available_providers()
+                providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+                self.session = ort.InferenceSession(str(path), providers=providers)
         else:
             files = {TORCHSCRIPT_META: ""}
-            self.module = torch.jit.load(str(path), map_location=device, _extra_files=files)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation, see export_model
+                self.module = torch.jit.load(str(path), map_location=device, _extra_files=files)
             meta = {METADATA_KEY: files[TORCHSCRIPT_META]}
         if METADATA_KEY not in meta:
             msg = f"{path}: no '{METADATA_KEY}' metadata; export it with `inpformer export`."
@@ -91,7 +101,10 @@ class Scorer:
 
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """images B×3×C×C (normalised) → (maps B×R×R, scores B)."""
-        if self.module is None:
+        if self.compiled is not None:
+            out = self.compiled([images.cpu().numpy()])
+            return np.asarray(out[OUTPUT_NAMES[0]])[:, 0], np.asarray(out[OUTPUT_NAMES[1]])
+        if self.session is not None:
             maps, scores = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.cpu().numpy()})
             return maps[:, 0], scores
         with torch.no_grad():
@@ -113,11 +126,18 @@ def export_model(
     Written beside the target first, then moved: a failed export leaves nothing behind.
     """
     target = Path(target)
+    if target.suffix == FORMATS["onnx"] and importlib.util.find_spec("onnx") is None:
+        msg = f"{target}: exporting to ONNX needs onnx: pip install 'inpformer[export]'."
+        raise RuntimeMissingError(msg)
     module = ScoringModule(model.eval(), scoring).eval()
     partial = target.with_name(target.name + ".partial")
     text = json.dumps(metadata, sort_keys=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # sizes become constants: intended
+        # the TorchScript-based exporter and torch.jit are deprecated in new torch releases but present
+        # through 2.14 (our range) and need no onnxscript; the parity check guards their output
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         if target.suffix == FORMATS["onnx"]:
             import onnx
 
@@ -171,12 +191,14 @@ def parity(
     }
 
 
-def load_exported(path: str | os.PathLike, device: str = "cpu") -> Scorer:
-    """A :class:`Scorer` of an exported artifact; a clear error when the runtime is missing."""
+def load_exported(path: str | os.PathLike, device: str = "cpu", runtime: str = "onnxruntime") -> Scorer:
+    """A :class:`Scorer` of an exported artifact (ONNX files run on ``runtime``: onnxruntime or
+    openvino); a clear error when that runtime is missing."""
     if Path(path).suffix == FORMATS["onnx"]:
         try:
-            import onnxruntime  # noqa: F401
+            importlib.import_module("onnx")
+            importlib.import_module(runtime)
         except ImportError as err:
-            msg = f"{path}: ONNX models need onnxruntime: pip install 'inpformer[export]'."
+            msg = f"{path}: ONNX models on {runtime} need it installed: pip install 'inpformer[export]' ({runtime})."
             raise RuntimeMissingError(msg) from err
-    return Scorer(path, device)
+    return Scorer(path, device, runtime)

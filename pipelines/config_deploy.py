@@ -37,6 +37,7 @@ class ServeParams(StrictParams):
     """``inpformer predict``, ``inpformer app`` and ``inpformer serve-scoring``."""
 
     batch_size: int = Field(8, ge=1)
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"  # what runs exported .onnx models
     heat_scale: float = Field(2.0, gt=0)  # overlay colour scale ends at this multiple of the pixel threshold
     map_size: int = Field(64, ge=8)  # side of the compact maps the pyfunc returns on request
     host: str = "127.0.0.1"

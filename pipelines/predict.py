@@ -128,7 +128,7 @@ def load_package(p: Params, ref: str | None, device: str) -> ModelPackage:
         if not Path(ref).is_file():
             msg = f"{ref}: no such exported model; write one with `inpformer export`."
             raise FileNotFoundError(msg)
-        scorer = load_exported(ref, device)
+        scorer = load_exported(ref, device, p.serve.runtime)
         meta = scorer.metadata
         return package_from_settings(scorer, meta, ref, str(meta.get("version", "exported")))
     with tempfile.TemporaryDirectory(prefix="inpformer-model-") as tmp:

@@ -40,6 +40,14 @@ def test_export_matches_pytorch_at_any_batch(tmp_path, suffix) -> None:
     np.testing.assert_allclose(scores, ref_scores.numpy(), rtol=1e-5)
 
 
+def test_openvino_runs_the_same_onnx_file(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    target = export_model(model, SCORING, {}, tmp_path / "m.onnx", torch.randn(2, 3, 56, 56))
+    diff = parity(model, SCORING, load_exported(target, runtime="openvino"), torch.randn(3, 3, 56, 56))
+    assert diff["map_rel"] <= 1e-4 and diff["score_rel"] <= 1e-5
+
+
 def test_parity_sees_a_different_model(tmp_path) -> None:
     torch.manual_seed(0)
     model = tiny_model().eval()
