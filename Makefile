@@ -16,7 +16,7 @@ export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export GIT_PYTHON_REFRESH := quiet
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup test test-fast demo lint format bench clean mlflow-ui prefect-ui
+.PHONY: setup test test-fast demo lint format bench app clean mlflow-ui prefect-ui
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ bench: setup
 	$(BIN)/python bench/model_speed.py
 	$(BIN)/python bench/metrics_speed.py
 	$(BIN)/python bench/data_speed.py
+	$(BIN)/python bench/inference_speed.py
+
+app: setup
+	$(BIN)/inpformer app
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
