@@ -23,9 +23,10 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel
 
+from components.data.io import ImageReadError, decode_rgb
 from pipelines.app_page import PAGE
 from pipelines.builders import resolve_device
 from pipelines.config import Params
@@ -85,14 +86,14 @@ def _registry_refs(p: Params) -> list[str]:
 def _decode(text: str) -> Image.Image:
     try:
         data = base64.b64decode(text.split(",", 1)[-1], validate=True)  # data URLs too
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise ValueError(f"larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    except UnidentifiedImageError as err:
-        raise HTTPException(status_code=400, detail="not an image file (PNG, JPEG, BMP, TIFF, WebP)") from err
-    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise HTTPException(status_code=400, detail=f"not an image file: {err}") from err
+    except (binascii.Error, ValueError) as err:
+        raise HTTPException(status_code=400, detail=f"not base64: {err}") from err
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise HTTPException(status_code=413, detail=f"larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+    try:
+        return decode_rgb(data, "upload")
+    except ImageReadError as err:
+        raise HTTPException(status_code=400, detail=str(err)) from err
 
 
 def create_app(p: Params, models: list[str]) -> FastAPI:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,10 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from components.checkpoint import load_model
+from components.data.io import decode_rgb
 from components.decision import ANOMALOUS
 from components.inference import ScoringConfig
 from components.scorer import encode_map_png, package_from_settings, score_pil, torch_scorer
@@ -96,11 +96,10 @@ def _from_pixels(arr: Any, where: str) -> Image.Image:
 def _from_base64(text: str, where: str) -> Image.Image:
     try:
         data = base64.b64decode(text, validate=True)
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as err:
-        msg = f"{where}: 'image' is not a base64-encoded image file ({err})."
+    except (binascii.Error, ValueError) as err:
+        msg = f"{where}: 'image' is not base64 ({err})."
         raise ValueError(msg) from err
+    return decode_rgb(data, f"{where}: 'image' (base64)")
 
 
 def decode_rows(model_input: Any, default_category: str) -> tuple[list[Image.Image], list[str]]:

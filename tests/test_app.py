@@ -91,6 +91,6 @@ def test_inspector_in_headless_chromium(served_app, app_workspace) -> None:
         page.set_input_files("#files", str(app_workspace / "part.png"))
         expect(page.locator(".card").first.locator(".decision")).to_have_text("normal", timeout=60_000)
         page.set_input_files("#files", str(app_workspace / "broken.png"))
-        expect(page.locator("#status")).to_contain_text("not an image", timeout=60_000)
+        expect(page.locator("#status")).to_contain_text("not a readable image", timeout=60_000)
         page.screenshot(path=str(app_workspace / "inspector.png"))
         browser.close()

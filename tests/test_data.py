@@ -367,3 +367,17 @@ def test_image_cache_hits_and_equals_uncached(tmp_path) -> None:
     _img(p, size=(40, 30), value=200)  # new content → new key
     assert not torch.equal(cached[0]["image"], plain)
     assert cache.misses == 2
+
+
+def test_decode_rgb_applies_the_file_policy_in_memory(tmp_path) -> None:
+    from components.data.io import ImageReadError, decode_rgb, read_rgb
+
+    deep = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16  # 16-bit grey, up to 65520
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    from_memory = np.asarray(decode_rgb((tmp_path / "deep.png").read_bytes(), "deep.png"))
+    assert np.array_equal(from_memory, np.asarray(read_rgb(tmp_path / "deep.png")))
+    assert from_memory[-1, -1, 0] == round(65520 / 65535 * 255)  # scaled, not clipped at 255
+    with pytest.raises(ImageReadError, match="upload: not a readable image"):
+        decode_rgb(b"junk", "upload")
+    with pytest.raises(ImageReadError, match="empty"):
+        decode_rgb(b"", "upload")

@@ -12,6 +12,7 @@ Corrupt, truncated and empty files, and images over PIL's decompression-bomb lim
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -83,7 +84,28 @@ def _to_uint8_grey(img: Image.Image, path: Path) -> np.ndarray:
 def read_rgb(path: str | os.PathLike) -> Image.Image:
     """Read any supported image as an 8-bit RGB PIL image (see module policy)."""
     path = Path(path)
-    img = _open(path)
+    return _as_rgb(_open(path), path)
+
+
+def decode_rgb(data: bytes, name: str = "image") -> Image.Image:
+    """An encoded image file held in memory (an upload, a base64 field) as 8-bit RGB, with
+    :func:`read_rgb`'s policy; errors are :class:`ImageReadError` naming ``name``."""
+    if not data:
+        msg = f"{name}: empty file (0 bytes)."
+        raise ImageReadError(msg)
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Image.DecompressionBombError as err:
+        msg = f"{name}: too many pixels ({err}): downscale the image first."
+        raise ImageReadError(msg) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        msg = f"{name}: not a readable image file (PNG, JPEG, BMP, TIFF, WebP): {type(err).__name__}."
+        raise ImageReadError(msg) from err
+    return _as_rgb(img, Path(name))
+
+
+def _as_rgb(img: Image.Image, path: Path) -> Image.Image:
     if img.mode in ("RGB",):
         return img
     if img.mode in ("L", "P", "LA", "RGBA", "CMYK", "YCbCr", "PA", "1", "RGBX", "HSV", "LAB"):
