@@ -50,6 +50,25 @@ def tiny_model(**kw):
     return InpFormer(**args)
 
 
+def model_workspace(root: Path, categories: list[str], thresholds: dict | None = None) -> Path:
+    """``root`` as a workspace (params.yaml) holding a tiny model folder ``artifacts/models/all`` of
+    ``categories`` (images resized to 64, cropped to 56) and, when given, ``artifacts/eval/thresholds.json``."""
+    import json
+    import shutil
+
+    from components.checkpoint import save_model
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", root / "params.yaml")
+    torch.manual_seed(0)
+    model = tiny_model(image_size=56)
+    config = {"model": model.config.to_dict(), "image_size": 64, "crop_size": 56, "categories": categories}
+    save_model(root / "artifacts" / "models" / "all", model, config)
+    if thresholds is not None:
+        (root / "artifacts" / "eval").mkdir(parents=True, exist_ok=True)
+        (root / "artifacts" / "eval" / "thresholds.json").write_text(json.dumps(thresholds))
+    return root
+
+
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)

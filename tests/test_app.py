@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_model
+from conftest import model_workspace
 from PIL import Image
 
-from components.checkpoint import save_model
 from pipelines.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,18 +29,12 @@ def _chromium() -> str:
 
 @pytest.fixture
 def app_workspace(tmp_path, monkeypatch):
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    model = tiny_model(image_size=56)
-    config = {"model": model.config.to_dict(), "image_size": 64, "crop_size": 56, "categories": ["a", "b"]}
-    save_model(tmp_path / "artifacts" / "models" / "all", model, config)
-    (tmp_path / "artifacts" / "eval").mkdir(parents=True)
     thresholds = {
         "a": {"image_threshold": -1e9, "pixel_threshold": 0.5, "image_min": 0.0, "image_max": 1.0, "rule": "f1"},
         "b": {"image_threshold": 1e9, "pixel_threshold": 0.5, "rule": "fpr=0.01"},
     }
-    (tmp_path / "artifacts" / "eval" / "thresholds.json").write_text(json.dumps(thresholds))
+    model_workspace(tmp_path, ["a", "b"], thresholds)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(tmp_path / "part.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import model_workspace, tiny_model
 from PIL import Image
 
-from components.checkpoint import save_model
 from components.export import ExportParityError, export_model, load_exported, parity
 from components.inference import ScoringConfig, score_batch
 from pipelines.config import load_params
@@ -67,12 +65,8 @@ def test_export_rejects_unknown_suffix(tmp_path) -> None:
 @pytest.fixture
 def export_workspace(tmp_path, monkeypatch):
     """A workspace with a tiny model (categories a, b), thresholds and a prepared manifest."""
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    model = tiny_model(image_size=56)
-    config = {"model": model.config.to_dict(), "image_size": 64, "crop_size": 56, "categories": ["a", "b"]}
-    save_model(tmp_path / "artifacts" / "models" / "all", model, config)
+    model_workspace(tmp_path, ["a", "b"])
     thresholds = {}
     prepared = tmp_path / "data" / "prepared" / "synthetic"
     prepared.mkdir(parents=True)

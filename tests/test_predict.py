@@ -9,11 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_model
+from conftest import model_workspace
 from PIL import Image
 
-from components.checkpoint import save_model
 from components.overlay import crop_box, map_to_original, mask_outline
 from pipelines.config import load_params
 
@@ -41,18 +39,12 @@ def test_mask_outline_is_the_boundary() -> None:
 @pytest.fixture
 def scored_workspace(tmp_path, monkeypatch):
     """A workspace with a tiny model of categories a and b, their thresholds, and images to score."""
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    model = tiny_model(image_size=56)
-    config = {"model": model.config.to_dict(), "image_size": 64, "crop_size": 56, "categories": ["a", "b"]}
-    save_model(tmp_path / "artifacts" / "models" / "all", model, config)
-    (tmp_path / "artifacts" / "eval").mkdir(parents=True)
     thresholds = {
         "a": {"image_threshold": -1e9, "pixel_threshold": 0.5},
         "b": {"image_threshold": 1e9, "pixel_threshold": 0.5},
     }
-    (tmp_path / "artifacts" / "eval" / "thresholds.json").write_text(json.dumps(thresholds))
+    model_workspace(tmp_path, ["a", "b"], thresholds)
     rng = np.random.default_rng(0)
     for cat, size in (("a", (90, 70)), ("b", (64, 64))):
         folder = tmp_path / "new" / cat / "line1"

@@ -9,11 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_model
+from conftest import model_workspace
 from PIL import Image
-
-from components.checkpoint import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # a Prefect test server
@@ -32,15 +29,8 @@ def test_scoring_flow_scores_each_new_image_once(tmp_path, monkeypatch) -> None:
 
     from pipelines.scoring_flow import FLAGGED_KEY, LEDGER_FILE, scoring_flow
 
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    model = tiny_model(image_size=56)
-    config = {"model": model.config.to_dict(), "image_size": 64, "crop_size": 56, "categories": ["a"]}
-    save_model(tmp_path / "artifacts" / "models" / "all", model, config)
-    (tmp_path / "artifacts" / "eval").mkdir(parents=True)
-    thresholds = {"a": {"image_threshold": -1e9, "pixel_threshold": 0.5}}  # every image is flagged
-    (tmp_path / "artifacts" / "eval" / "thresholds.json").write_text(json.dumps(thresholds))
+    model_workspace(tmp_path, ["a"], {"a": {"image_threshold": -1e9, "pixel_threshold": 0.5}})  # all flagged
     watch = tmp_path / "inbox"
     watch.mkdir()
     args = {"watch": str(watch), "out": "scored", "model": "artifacts/models/all", "root": str(tmp_path),
