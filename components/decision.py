@@ -3,7 +3,9 @@
 Calibration (per category, on the calibration images the evaluate stage chooses):
 
 * image threshold: F1-optimal (the threshold of I-F1max, :mod:`components.metrics`) when the
-  images hold normal and anomalous ones; otherwise the ``1 - fpr`` quantile of the normal scores,
+  images hold normal and anomalous ones, placed midway between the lowest score it flags and the
+  next lower score: the decisions on the calibration images are exactly the F1-optimal ones, and
+  no image sits on the threshold, where a runtime's rounding (ONNX: ~1e-6) would flip it; otherwise the ``1 - fpr`` quantile of the normal scores,
   so that a fraction ``fpr`` of normal images is flagged. The rule is recorded (``f1`` / ``fpr=…``).
 * pixel threshold: F1-optimal on the masks when there are masks, else the same quantile of the
   normal images' pixels.
@@ -55,6 +57,12 @@ class CategoryThresholds:
         return asdict(self)
 
 
+def _midway(values: np.ndarray, threshold: float) -> float:
+    """Midway between ``threshold`` (a value of ``values``) and the largest value below it."""
+    below = values[values < threshold]
+    return float((threshold + below.max()) / 2) if below.size and math.isfinite(threshold) else threshold
+
+
 def _quantile(values: np.ndarray, fpr: float) -> float:
     return float(np.quantile(values, 1.0 - fpr)) if values.size else math.nan
 
@@ -76,14 +84,14 @@ def calibrate(
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(int)
     normal = scores[labels == 0]
     if {0, 1} <= set(labels.tolist()):
-        image, rule = image_metrics(scores, labels)["image_threshold"], "f1"
+        image, rule = _midway(scores, image_metrics(scores, labels)["image_threshold"]), "f1"
     else:
         image, rule = _quantile(normal, fpr), f"fpr={fpr:g}"
     pixel, pmin, pmax = math.nan, math.nan, math.nan
     if maps is not None and maps.size:
         pmin, pmax = float(np.min(maps)), float(np.max(maps))
         if masks is not None and masks.any():
-            pixel = pixel_metrics(maps, masks)["pixel_threshold"]
+            pixel = _midway(np.asarray(maps).ravel(), pixel_metrics(maps, masks)["pixel_threshold"])
         else:
             pixel = _quantile(np.asarray(maps)[labels == 0].ravel(), fpr)
     lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (math.nan, math.nan)

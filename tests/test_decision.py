@@ -19,7 +19,11 @@ def test_f1_rule_matches_scikit_learn() -> None:
     t = calibrate(scores, labels)
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = 2 * precision[:-1] * recall[:-1] / (precision[:-1] + recall[:-1] + 1e-7)
-    assert t.rule == "f1" and t.image_threshold == pytest.approx(thresholds[int(np.argmax(f1))])
+    best = thresholds[int(np.argmax(f1))]
+    assert t.rule == "f1"
+    assert np.array_equal(scores >= t.image_threshold, scores >= best)  # the same decisions ...
+    below = scores[scores < best].max()
+    assert t.image_threshold == pytest.approx((best + below) / 2)  # ... with no score on the threshold
     assert (t.image_min, t.image_max) == (scores.min(), scores.max())
 
 
@@ -40,7 +44,7 @@ def test_pixel_rule_uses_masks_when_there_are_any() -> None:
     maps[1, :2, :2], masks[1, :2, :2] = 0.9, 1  # a perfectly separable defect
     maps[1, 2:, 2:] = 0.3
     t = calibrate(np.array([0.1, 0.9]), np.array([0, 1]), maps, masks)
-    assert t.pixel_threshold == pytest.approx(0.9)
+    assert t.pixel_threshold == pytest.approx((0.9 + 0.3) / 2)  # F1-optimal 0.9, midway to the next value
 
 
 def test_normalize_closed_form() -> None:
