@@ -6,7 +6,8 @@ pixel frame), score, threshold and decision. A slider moves the image threshold;
 at once. Scoring goes through the same :class:`~components.decision.DecisionRule` as ``predict``
 and the MLflow model.
 
-API: ``GET /api/models`` → ``{ref: {categories, version, thresholds}}``; ``POST /api/score`` with
+API: ``GET /api/models`` → the offered refs; ``GET /api/model?ref=…`` → its categories and version
+(loads it); ``POST /api/score`` with
 ``{"model", "category", "image": base64 file}`` → score, threshold, decision, the category's score
 range, and the overlay as a base64 PNG.
 """
@@ -117,16 +118,13 @@ def create_app(p: Params, models: list[str]) -> FastAPI:
         return PAGE
 
     @app.get("/api/models")
-    def list_models() -> dict[str, Any]:
-        out = {}
-        for ref in models:
-            try:
-                pkg = package(ref)
-            except HTTPException as err:
-                out[ref] = {"error": err.detail, "categories": []}
-                continue
-            out[ref] = {"categories": pkg.categories, "version": pkg.version}
-        return out
+    def list_models() -> list[str]:
+        return models
+
+    @app.get("/api/model")
+    def model_info(ref: str) -> dict[str, Any]:
+        pkg = package(ref)  # loaded on first use only: offering many versions costs nothing
+        return {"categories": pkg.categories, "version": pkg.version}
 
     @app.post("/api/score")
     def score(request: ScoreRequest) -> dict[str, Any]:

@@ -32,24 +32,27 @@ PAGE = """<!doctype html>
 <div id="results"></div>
 <script>
 const $ = (id) => document.getElementById(id);
-let models = {}, cards = [], defaultThreshold = null;
+let cards = [], defaultThreshold = null;
 function setStatus(t) { $("status").textContent = t; }
 async function loadModels() {
-  models = await (await fetch("/api/models")).json();
+  const refs = await (await fetch("/api/models")).json();
   $("model").innerHTML = "";
-  for (const [ref, info] of Object.entries(models)) {
-    const o = document.createElement("option");
-    o.value = ref; o.textContent = info.version ? ref + " (" + info.version + ")" : ref + " (" + info.error + ")";
-    $("model").appendChild(o);
+  for (const ref of refs) {
+    const o = document.createElement("option"); o.value = ref; o.textContent = ref; $("model").appendChild(o);
   }
-  fillCategories();
+  await fillCategories();
 }
-function fillCategories() {
-  const info = models[$("model").value] || {categories: []};
+async function fillCategories() {
   $("category").innerHTML = "";
+  setStatus("loading " + $("model").value + " ...");
+  const resp = await fetch("/api/model?ref=" + encodeURIComponent($("model").value));
+  const info = await resp.json();
+  if (!resp.ok) { setStatus($("model").value + ": " + info.detail); return; }
   for (const c of info.categories) {
     const o = document.createElement("option"); o.value = c; o.textContent = c; $("category").appendChild(o);
   }
+  $("model").selectedOptions[0].textContent = $("model").value + " (" + info.version + ")";
+  setStatus("ready");
 }
 function threshold() { return parseFloat($("threshold").value); }
 function decide(card) {
@@ -94,8 +97,8 @@ $("files").addEventListener("change", async (e) => {
   await scoreAll(Array.from(e.target.files));
   e.target.value = "";  // the same file may be chosen again (e.g. for another category)
 });
-$("model").addEventListener("change", () => { fillCategories(); cards = []; defaultThreshold = null;
-  $("results").innerHTML = ""; });
+$("model").addEventListener("change", () => { cards = []; defaultThreshold = null;
+  $("results").innerHTML = ""; fillCategories(); });
 $("category").addEventListener("change", () => { cards = []; defaultThreshold = null; $("results").innerHTML = ""; });
 $("threshold").addEventListener("input", refresh);
 $("reset").addEventListener("click", () => { if (defaultThreshold !== null) $("threshold").value = defaultThreshold;
@@ -105,7 +108,7 @@ drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.ad
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over");
   scoreAll(e.dataTransfer.files); });
-loadModels().then(() => setStatus("ready"));
+loadModels();
 </script>
 </body>
 </html>

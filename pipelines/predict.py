@@ -84,6 +84,8 @@ def _from_registry(p: Params, uri: str, dst: Path) -> tuple[Path, str]:
     """Download a registered model into ``dst``: (its model folder, its version)."""
     import mlflow  # heavy: only for registry URIs
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
+
     db = sqlite_path(p)  # the workspace's store, as every stage resolves it
     mlflow.set_tracking_uri(f"sqlite:///{db.resolve()}" if db is not None else p.tracking.uri)
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst)))
