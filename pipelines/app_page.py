@@ -13,7 +13,7 @@ PAGE = """<!doctype html>
  #drop.over { background: #eef; }
  .card { display: inline-block; vertical-align: top; margin: .5rem; padding: .5rem; border: 1px solid #ccc;
          border-radius: 6px; max-width: 420px; }
- .card img { max-width: 400px; display: block; }
+ .card img { width: 320px; max-width: 100%; height: auto; display: block; image-rendering: pixelated; }
  .anomalous { color: #b00; font-weight: bold; } .normal { color: #070; font-weight: bold; }
  #status { color: #555; min-height: 1.2em; }
 </style>
