@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.constants import COHERENCE_KINDS, MSE_REDUCTIONS, check_choice
+from components.distributed import global_count, global_mean
 
 __all__ = [
     "COHERENCE_KINDS",
@@ -138,14 +139,14 @@ class SoftMiningLoss(nn.Module):
             b = enc.shape[0]
             with torch.no_grad():
                 dist = 1.0 - F.cosine_similarity(enc, dec, dim=1).unsqueeze(1)  # B×1×h×w
-                w_cos = (dist / dist.mean()) ** self.gamma
+                w_cos = (dist / global_mean(dist)) ** self.gamma  # all ranks' positions under DDP
             d_cos = scale_grad(dec, w_cos)
             cos = F.cosine_similarity(enc.reshape(b, -1), d_cos.reshape(b, -1), dim=1)
             cos_terms.append((1.0 - cos).mean())
             if self.mse_weight > 0:
                 with torch.no_grad():
                     err = self._reduce((enc - dec) ** 2)
-                    w_mse = (err / err.mean().clamp_min(1e-12)) ** self.mse_gamma
+                    w_mse = (err / global_mean(err).clamp_min(1e-12)) ** self.mse_gamma
                 d_mse = scale_grad(dec, w_mse)
                 mse_terms.append(self._reduce((enc - d_mse) ** 2).mean())
         out = {"cos": torch.stack(cos_terms).mean()}
@@ -185,8 +186,11 @@ class DiceLoss(nn.Module):
         per_image = 1.0 - 2.0 * (p * g).sum(1) / ((p * p).sum(1) + (g * g).sum(1) + self.eps)
         if self.only_anomalous:
             keep = g.sum(1) > 0
-            if not bool(keep.any()):
+            total, world = global_count(keep)  # anomalous images on all ranks (DDP), and the ranks
+            if total == 0:
                 return probs.sum() * 0.0
+            if world > 1:  # DDP averages gradients over ranks: this rank's share of the global mean
+                return per_image[keep].sum() * (world / total)
             per_image = per_image[keep]
         return per_image.mean()
 

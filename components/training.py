@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from components.checkpoint import latest_checkpoint, load_train_state, read_progress, save_train_checkpoint
 from components.data import batch as keys
+from components.distributed import DistContext, convert_batchnorm
 from components.losses import DiceLoss, NormalPatternLoss
 from components.optim import StableAdamW, WarmCosineSchedule, clip_grad_norm
 from components.train_config import (
@@ -60,13 +62,15 @@ SAMPLER_SEED_STRIDE = 100_003  # the sampler's generator seed = seed · stride +
 
 
 class EpochSampler(Sampler[list[int]]):
-    """Batches of one epoch from a (seed, epoch)-seeded permutation, starting at batch ``skip``."""
+    """Batches of one epoch from a (seed, epoch)-seeded permutation, starting at batch ``skip``;
+    under DDP each rank takes its contiguous share of every global batch (the distributed sampler)."""
 
-    def __init__(self, n: int, cfg: TrainConfig, epoch: int, skip: int) -> None:
+    def __init__(self, n: int, cfg: TrainConfig, epoch: int, skip: int, ctx: DistContext | None = None) -> None:
         g = torch.Generator().manual_seed(cfg.seed * SAMPLER_SEED_STRIDE + epoch)
         order = torch.randperm(n, generator=g).tolist()
         stop = (n // cfg.batch_size) * cfg.batch_size if cfg.drop_last else n
-        self.batches = [order[i : i + cfg.batch_size] for i in range(0, stop, cfg.batch_size)][skip:]
+        batches = [order[i : i + cfg.batch_size] for i in range(0, stop, cfg.batch_size)][skip:]
+        self.batches = [b[ctx.share(len(b))] for b in batches] if ctx is not None and ctx.active else batches
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
@@ -92,6 +96,8 @@ class _Phase:
     trunk_params: list[torch.nn.Parameter]
     head_params: list[torch.nn.Parameter]
     device: torch.device
+    ctx: DistContext = field(default_factory=DistContext)
+    step: Any = None  # the DDP-wrapped loss module under DDP (None: step_losses directly)
 
     @property
     def joint(self) -> bool:
@@ -146,8 +152,12 @@ def train(
     checkpoints: CheckpointSpec | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
+    ctx: DistContext | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (an :class:`~components.model.InpFormer`) on ``dataset``.
+
+    Under DDP (``ctx`` with more than one rank, :mod:`components.distributed`) every rank runs this
+    with the same arguments; rank 0 alone writes checkpoints and calls ``on_epoch``.
 
     The dataset yields :mod:`components.data.batch` dicts: ``image`` (3×H×W, normalised) or
     ``features``, and for residual learning ``anomaly_image``/``anomaly_features`` and
@@ -158,8 +168,14 @@ def train(
     if cfg.residual_mode != "off" and model.seg_head is None:
         msg = f"residual_mode={cfg.residual_mode!r} needs a model with a segmentation head (or residual_mode='off')."
         raise ValueError(msg)
+    ctx = ctx or DistContext()
+    if ctx.active and (cfg.batch_size % ctx.world or not cfg.drop_last):
+        msg = f"train.batch_size={cfg.batch_size} must be a multiple of the {ctx.world} ranks (the global batch is split)."
+        raise ValueError(msg)
     device = torch.device(cfg.device)
     model.to(device)
+    if ctx.active:  # batch statistics over the global batch, as one process computes them (seg head)
+        convert_batchnorm(model, device.type == "cuda")  # before the optimisers collect the parameters
     n = len(dataset)  # type: ignore[arg-type]
     per_epoch = n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
     if per_epoch < 1:
@@ -197,7 +213,10 @@ def train(
             trunk_params=[p for p in trainable if id(p) in trunk_ids],
             head_params=[p for p in trainable if id(p) not in trunk_ids],
             device=device,
+            ctx=ctx,
         )
+        if ctx.active:
+            phase.step = _ddp(phase)
         for epoch in range(state.epoch, epochs):
             run_epoch(phase, state, epoch, checkpoints, on_epoch, on_iteration)
         state.phase += 1
@@ -223,7 +242,7 @@ def run_epoch(
     cfg = phase.cfg
     if hasattr(phase.dataset, "set_epoch"):
         phase.dataset.set_epoch(epoch + PHASE_EPOCH_STRIDE * phase.index)
-    sampler = EpochSampler(len(phase.dataset), cfg, epoch, state.batch)  # type: ignore[arg-type]
+    sampler = EpochSampler(len(phase.dataset), cfg, epoch, state.batch, phase.ctx)  # type: ignore[arg-type]
     loader = DataLoader(
         phase.dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=phase.device.type == "cuda"
     )
@@ -252,7 +271,7 @@ def run_epoch(
     means.update(epoch=epoch + 1, phase=phase.name)
     state.history.append(means)
     state.epoch, state.batch = epoch + 1, 0
-    if on_epoch is not None:  # before the checkpoint: a crash in between re-logs this epoch, never skips it
+    if on_epoch is not None and phase.ctx.main:  # before the checkpoint: a crash in between re-logs this epoch
         on_epoch(means)
     if checkpoints:
         _save(phase, state, checkpoints)
@@ -261,9 +280,34 @@ def run_epoch(
 
 
 def _save(phase: _Phase, state: TrainState, checkpoints: CheckpointSpec) -> None:
-    save_train_checkpoint(
-        checkpoints.folder, phase.model, checkpoints.model_config, phase.optimizer, asdict(state), checkpoints.keep
-    )
+    """Rank 0 writes; the others wait for it (so no rank runs ahead of the last checkpoint)."""
+    if phase.ctx.main:
+        save_train_checkpoint(
+            checkpoints.folder, phase.model, checkpoints.model_config, phase.optimizer, asdict(state), checkpoints.keep
+        )
+    phase.ctx.barrier()
+
+
+class _StepModule(torch.nn.Module):
+    """The losses of one step as a module, so that DDP can wrap them (the model is its submodule)."""
+
+    def __init__(self, phase: _Phase) -> None:
+        super().__init__()
+        self.model = phase.model
+        self._phase = [phase]  # a list: not registered as a submodule
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return step_losses(self._phase[0], batch)
+
+
+def _ddp(phase: _Phase) -> torch.nn.Module:
+    """The phase's loss module in DistributedDataParallel (gradients averaged over the ranks)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [phase.ctx.local_rank] if phase.device.type == "cuda" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: still the flag that skips syncs
+        return DistributedDataParallel(_StepModule(phase), device_ids=ids, broadcast_buffers=False)
 
 
 def _autocast(amp: str, device: torch.device):
@@ -276,16 +320,25 @@ def train_step(phase: _Phase, batch: dict[str, Any]) -> dict[str, float]:
     """Forward, backward, clip and step on one batch; return the losses and the lr used."""
     lr = phase.optimizer.param_groups[0]["lr"]
     with _autocast(phase.cfg.amp, phase.device):
-        values = step_losses(phase, batch)
+        values = phase.step(batch) if phase.step is not None else step_losses(phase, batch)
     phase.optimizer.zero_grad(set_to_none=True)
     values["total"].backward()
     clip_grad_norm(phase.trunk_params, phase.cfg.grad_clip)
     clip_grad_norm(phase.head_params, phase.cfg.head_grad_clip)
     phase.optimizer.step()
     phase.schedule.step()
-    logs = {k: float(v.detach()) for k, v in values.items()}
+    logs = {k: float(v) for k, v in zip(values, _rank_mean(phase.ctx, values))}
     logs["lr"] = lr
     return logs
+
+
+def _rank_mean(ctx: DistContext, values: dict[str, torch.Tensor]) -> list[float]:
+    """The step's loss values, averaged over the ranks (each rank's are means of its share)."""
+    stacked = torch.stack([v.detach().float() for v in values.values()])
+    if ctx.active:
+        torch.distributed.all_reduce(stacked)
+        stacked = stacked / ctx.world
+    return stacked.tolist()
 
 
 def _forward(model: Any, batch: dict[str, Any], image_key: str, features_key: str, device: torch.device):

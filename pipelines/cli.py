@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train INP-Former(++) into artifacts/models/")
     _common(p)
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (torchrun; one per GPU, or gloo on CPU)",
+    )
     p = sub.add_parser("evaluate", help="metrics, tables and plots into artifacts/")
     _common(p)
     p = sub.add_parser("sweep", help="Optuna study over params (sweep.space)")
@@ -128,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -156,11 +163,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED_EXIT
 
 
+def argv_without_nproc(argv: list[str]) -> list[str]:
+    """A command's arguments without ``--nproc N`` (what every rank runs)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _torchrun(nproc: int, args: list[str]) -> int:
+    """Run ``inpformer <args>`` as ``nproc`` ranks under torchrun on this machine; its exit code."""
+    import subprocess  # only for --nproc
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.run([*cmd, "-m", "pipelines.cli", *args], check=False).returncode
+
+
 def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
     if args.command == "prepare":
         stages.prepare(params, args.source, args.dataset, args.name)
     elif args.command == "synthesize":
         stages.synthesize(params, progress)
+    elif args.command == "train" and args.nproc > 1:
+        return _torchrun(args.nproc, argv_without_nproc(args.argv))
     elif args.command == "train":
         stages.train(params, progress=progress, resume=not args.no_resume)
     elif args.command == "evaluate":

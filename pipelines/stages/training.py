@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,11 @@ import pandas as pd
 
 from components.checkpoint import save_model
 from components.data.datasets import Record
+from components.distributed import DistContext, check_same_config, init_from_env
 from components.files import atomic_write_text
 from components.training import CheckpointSpec, seed_everything
 from components.training import train as train_model
-from pipelines.builders import build_loss, build_model, build_train_config
+from pipelines.builders import build_loss, build_model, build_train_config, resolve_device
 from pipelines.config import Params
 from pipelines.paths import (
     ARTIFACTS,
@@ -59,6 +61,13 @@ def train(p: Params, progress: bool = True, resume: bool = True) -> dict[str, An
     An interrupted training resumes from its checkpoints and continues its MLflow runs (the parent
     and each group's), so the epoch curves stay whole.
     """
+    ctx = init_from_env(resolve_device(p.train.device))
+    check_same_config(ctx, json.dumps(p.model_dump(mode="json"), sort_keys=True))
+    if not ctx.main:  # DDP: rank 0 tracks, checkpoints and writes; the others only train
+        records = load_records(p)
+        for group, recs in training_groups(p, records).items():
+            train_group(p, group, recs, records, ARTIFACTS / ".models.partial" / group, False, resume, ctx)
+        return {}
     root = CHECKPOINTS_DIR / config_hash(p)
     parent = begin_pipeline_run(p, _run_record(root) if resume else "")  # evaluate logs under it too
     if parent:
@@ -74,7 +83,7 @@ def train(p: Params, progress: bool = True, resume: bool = True) -> dict[str, An
     summary: dict[str, Any] = {"setting": p.setting.kind, "groups": {}, "config_hash": config_hash(p)}
     history: list[dict[str, Any]] = []
     for group, recs in training_groups(p, records).items():
-        row, group_history = train_group(p, group, recs, records, staging / group, progress, resume)
+        row, group_history = train_group(p, group, recs, records, staging / group, progress, resume, ctx)
         summary["groups"][group] = row
         history += [{"group": group, **h} for h in group_history]
     remove_tree(MODELS_DIR)
@@ -94,14 +103,32 @@ def _write_summaries(summary: dict[str, Any], history: list[dict[str, Any]]) -> 
 
 
 def train_group(
-    p: Params, group: str, recs: list[Record], records: list[Record], out: Path, progress: bool, resume: bool
+    p: Params,
+    group: str,
+    recs: list[Record],
+    records: list[Record],
+    out: Path,
+    progress: bool,
+    resume: bool,
+    ctx: DistContext | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Train the model of one group into ``out``; return its summary row and per-epoch history."""
+    """Train the model of one group into ``out``; return its summary row and per-epoch history.
+
+    Under DDP (``ctx``) every rank calls this; rank 0 builds the feature cache first (the others
+    wait, then read it), and alone tracks and writes the model.
+    """
+    ctx = ctx or DistContext()
     seed_everything(p.seed, p.train.deterministic)  # per group, as the official single-class loop
     model = build_model(p)
-    cfg = build_train_config(p, progress)
+    cfg = build_train_config(p, progress and ctx.main)
+    if ctx.active and cfg.device.startswith("cuda"):
+        cfg = replace(cfg, device=f"cuda:{ctx.local_rank}")
     npm, dice = build_loss(p)
-    dataset = training_dataset(p, recs, records, model, cfg.device, progress)
+    if not ctx.main:
+        ctx.barrier()  # rank 0 builds the encoder-feature cache first
+    dataset = training_dataset(p, recs, records, model, cfg.device, progress and ctx.main)
+    if ctx.main:
+        ctx.barrier()
     model_config = {
         "model": model.config.to_dict(),
         "encoder_pretrained": model.pretrained_loaded,
@@ -116,7 +143,12 @@ def train_group(
     checkpoints = CheckpointSpec(
         CHECKPOINTS_DIR / config_hash(p) / group, model_config, resume, p.train.keep_checkpoints
     )
+    if not ctx.main:
+        train_model(model, dataset, cfg, npm, dice, checkpoints, ctx=ctx)
+        return {}, []
     tags = {"group": group, "encoder_pretrained": model.pretrained_loaded, "manifest_hash": manifest_hash(p)}
+    if ctx.active:
+        tags["ranks"] = ctx.world
     previous = _run_record(checkpoints.folder) if resume else ""
     with tracked_run(p, "train", f"train-{group}", tags, in_pipeline=True, run_id=previous) as mlflow:
         active = mlflow.active_run()
@@ -129,10 +161,10 @@ def train_group(
             epoch_metrics = {f"train_{k}": v for k, v in m.items() if isinstance(v, float)}
             mlflow.log_metrics(epoch_metrics, step=int(m["epoch"]))
 
-        result = train_model(model, dataset, cfg, npm, dice, checkpoints, on_epoch=on_epoch)
+        result = train_model(model, dataset, cfg, npm, dice, checkpoints, on_epoch=on_epoch, ctx=ctx)
         save_model(out, model, model_config)
         mlflow.log_metrics({"train_seconds": result["seconds"]})
-    resumed = " (resumed)" if result["resumed"] else ""
+    resumed = (" (resumed)" if result["resumed"] else "") + (f" on {ctx.world} ranks" if ctx.active else "")
     print(
         f"[{group}] {len(dataset)} images, {result['iterations']} iterations, {result['seconds']:.1f}s{resumed}; "
         f"encoder pretrained: {model.pretrained_loaded}"
