@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -119,6 +120,34 @@ def bench(name: str, size: int, batch: int, iters: int, device: str) -> dict:
             "train_step_ms": tr, "encoder_ms": enc, "encoder_share": enc / inf, **mem}  # fmt: skip
 
 
+def variants(name: str, size: int, batch: int, iters: int, device: str) -> list[dict]:
+    """Explicit vs SDPA attention (encoder + INP extractor), fp32 and bf16 autocast: ms and map difference."""
+    x = torch.randn(batch, 3, size, size, device=device)
+    bf16_ok = (device.startswith("cuda") and torch.cuda.is_bf16_supported()) or device == "cpu"
+    rows, ref = [], None
+    for attention, bf16 in (("explicit", False), ("sdpa", False), ("explicit", True), ("sdpa", True)):
+        if bf16 and not bf16_ok:
+            continue
+        torch.manual_seed(0)
+        model = InpFormer(name, image_size=size, seg_head="onenip", attention=attention).to(device).eval()
+        cast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
+
+        @torch.no_grad()
+        def infer(model=model, cast=cast) -> torch.Tensor:
+            with cast:
+                out = model(x)
+                return reconstruction_map(out.encoder_groups, out.decoder_groups, (size, size)).float()
+
+        ms = _time(infer, iters, device) / batch
+        amap = infer()
+        ref = amap if ref is None else ref
+        diff = float((amap - ref).abs().max() / ref.abs().max())
+        rows.append({"variant": f"{attention}{'+bf16' if bf16 else ''}", "ms": ms, "diff": diff})
+    for r in rows:
+        r["ratio"] = r["ms"] / rows[0]["ms"]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=None, help="default: 2 on CPU, 16 on CUDA")
@@ -143,6 +172,9 @@ def main() -> None:
                 f"{'':<10} measured peak MiB: INP-guided block {r['inp_peak_mib']:.1f}, self-attention block {r['self_peak_mib']:.1f}"
             )
     print("ratio = self-attention map / INP-guided attention map (N/M); M = 6 INPs.")
+    print(f"\nattention and precision, ViT-S@224 batch {batch}: inference ms/img, ratio to explicit fp32, max map diff")
+    for r in variants("dinov2reg_vit_small_14", 224, batch, args.iters, device):
+        print(f"{r['variant']:<14} {r['ms']:>8.1f} ms/img {r['ratio']:>6.2f}x   map diff {r['diff']:.1e}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from components.constants import (
     AMP_MODES,
+    ATTENTION_MODES,
     CACHE_VERIFY_MODES,
     COHERENCE_KINDS,
     DATASET_KINDS,
@@ -127,6 +128,7 @@ class ModelParams(StrictParams):
     init_bound: float = Field(0.03, gt=0)
     pos_embed_interp: Literal[POS_EMBED_INTERPOLATIONS] = "official"  # type: ignore[valid-type]
     encoder_fused_attn: bool = False
+    attention: Literal[ATTENTION_MODES] = "explicit"  # type: ignore[valid-type]  # explicit | sdpa | auto
     seg_head: Literal[(*SEG_HEAD_LAYOUTS, "none")] = "onenip"  # type: ignore[valid-type]
     seg_head_channels: int = Field(256, ge=1)
     encoder_overrides: dict[str, int] = Field(default_factory=dict)  # dev/tests: tiny encoders (no real weights)

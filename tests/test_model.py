@@ -314,3 +314,27 @@ def test_attention_output_for_figure(tiny: InpFormer) -> None:
     assert out.attention[0].shape == (1, 2, 16, 3)  # B×heads×N×M
     assert torch.all(out.attention[0] >= 0)  # ReLU attention
     assert math.isfinite(float(out.attention[-1].sum()))
+
+
+def test_sdpa_attention_matches_the_explicit_softmax() -> None:
+    """attention=sdpa (encoder ViT blocks + INP extractor) vs the official explicit softmax, fp32 CPU."""
+    from conftest import tiny_model
+
+    torch.manual_seed(0)
+    explicit = tiny_model().eval()
+    fused = tiny_model(attention="sdpa").eval()
+    fused.load_state_dict(explicit.state_dict())
+    assert all(b.attn.fused_attn for b in fused.encoder.vit.blocks)
+    assert not any(b.attn.fused_attn for b in explicit.encoder.vit.blocks)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        a, b = explicit(x), fused(x)
+    pairs = [(a.prototypes, b.prototypes), (a.fused_features, b.fused_features)]
+    pairs += list(zip(a.decoder_groups, b.decoder_groups))
+    for ref, got in pairs:
+        assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+    auto = tiny_model(attention="auto").eval()
+    auto.load_state_dict(explicit.state_dict())
+    with torch.no_grad():
+        same = auto(x)  # on CPU, auto is the explicit path: bit-identical
+    assert torch.equal(same.prototypes, a.prototypes) and torch.equal(same.decoder_groups[0], a.decoder_groups[0])

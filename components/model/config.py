@@ -41,6 +41,7 @@ class InpFormerConfig:
     init_bound: float = 0.03
     pos_embed_interp: str = "official"
     encoder_fused_attn: bool = False
+    attention: str = "explicit"
     encoder_overrides: dict[str, Any] = field(default_factory=dict)
     seg_head: str | None = "onenip"
     seg_head_channels: int = 256

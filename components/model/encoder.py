@@ -95,6 +95,12 @@ class FrozenDinoEncoder(nn.Module):
         """Stay in eval mode: the encoder is frozen (spec §3)."""
         return super().train(False)
 
+    def set_fused_attn(self, fused: bool) -> None:
+        """Use PyTorch's SDPA (True) or the explicit softmax (False) in every ViT block."""
+        for blk in self.vit.blocks:
+            if hasattr(blk.attn, "fused_attn"):
+                blk.attn.fused_attn = bool(fused)
+
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Token grid of an input image."""
         return height // self.patch_size, width // self.patch_size

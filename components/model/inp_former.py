@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.constants import ATTENTION_MODES, check_choice
 from components.model.config import InpFormerConfig
 from components.model.encoder import PATCH_SIZE, FrozenDinoEncoder
 from components.model.layers import AggregationBlock, Mlp, PrototypeBlock
@@ -83,6 +84,10 @@ class InpFormer(nn.Module):
         init_bound: absolute truncation bound of that init (0.03).
         pos_embed_interp: ``official`` or ``timm`` position-table resizing.
         encoder_fused_attn: fused SDPA in the encoder (faster, slightly different rounding).
+        attention: softmax attention of the encoder and the INP extractor: ``explicit`` (the official
+            code's arithmetic), ``sdpa`` (``F.scaled_dot_product_attention``: flash / memory-efficient
+            kernels on GPU) or ``auto`` (SDPA on CUDA, explicit elsewhere). The decoder's INP-guided
+            attention is a ReLU kernel, not a softmax (spec §5), so it always runs explicitly.
         encoder_overrides: extra ``timm.create_model`` kwargs (tiny test encoders).
         seg_head: ``None`` (conference INP-Former), ``"onenip"`` or ``"plain"`` (INP-Former++).
         seg_head_channels: hidden width of the head (256).
@@ -111,6 +116,7 @@ class InpFormer(nn.Module):
         init_bound: float = 0.03,
         pos_embed_interp: str = "official",
         encoder_fused_attn: bool = False,
+        attention: str = "explicit",
         encoder_overrides: dict | None = None,
         seg_head: str | None = "onenip",
         seg_head_channels: int = 256,
@@ -144,6 +150,7 @@ class InpFormer(nn.Module):
             init_bound=init_bound,
             pos_embed_interp=pos_embed_interp,
             encoder_fused_attn=encoder_fused_attn,
+            attention=attention,
             encoder_overrides=encoder_overrides,
             seg_head=seg_head,
             seg_head_channels=seg_head_channels,
@@ -153,7 +160,7 @@ class InpFormer(nn.Module):
             encoder_name,
             taps=tuple(taps) if taps is not None else None,
             pos_embed_interp=pos_embed_interp,
-            fused_attn=encoder_fused_attn,
+            fused_attn=encoder_fused_attn or attention == "sdpa",
             overrides=encoder_overrides,
         )
         dim = self.encoder.embed_dim
@@ -180,6 +187,10 @@ class InpFormer(nn.Module):
         self.prototype_token = nn.Parameter(torch.randn(self.num_prototypes, dim))  # N(0, 1), spec §4
         self._init_trainable(init_std, init_bound)
         self.seg_head = SegmentationHead(dim, seg_head_channels, seg_head) if seg_head else None
+        check_choice("attention", attention, ATTENTION_MODES)
+        self.attention = attention
+        for blk in self.aggregation:
+            blk.attn.attention = attention
 
     @classmethod
     def from_config(cls, config: InpFormerConfig) -> InpFormer:
@@ -233,6 +244,8 @@ class InpFormer(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"expected images of shape B×3×H×W, got {tuple(images.shape)}."
             raise ValueError(msg)
+        if self.attention == "auto":  # SDPA in the ViT blocks on CUDA, the explicit softmax elsewhere
+            self.encoder.set_fused_attn(images.is_cuda or self.config.encoder_fused_attn)
         taps, grid = self.encoder(images)
         fused = _fuse(taps)  # F_Q: B×N×C (mean, spec §1)
         groups = [_fuse([taps[i] for i in g]) for g in self.encoder_groups_idx]

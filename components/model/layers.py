@@ -52,11 +52,14 @@ class AggregationAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.attention = "explicit"  # explicit | sdpa | auto (SDPA on CUDA): set by InpFormer
 
     def forward(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """tokens: B×M×C, features: B×N×C → B×M×C."""
         q = _split_heads(self.q(tokens), 1, self.num_heads)[0]  # B×h×M×d
         k, v = _split_heads(self.kv(features), 2, self.num_heads)  # B×h×N×d each
+        if self.attention == "sdpa" or (self.attention == "auto" and q.is_cuda):
+            return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v, scale=self.scale)))
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # B×h×M×N
         return self.proj(_merge_heads(attn @ v))
 
