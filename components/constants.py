@@ -23,6 +23,7 @@ __all__ = [
 
 PATCH_SIZE = 14  # DINOv2 ViT-*/14
 ATTENTION_MODES = ("explicit", "sdpa", "auto")  # softmax attention: explicit (official), SDPA, SDPA on CUDA only
+ENCODER_DTYPES = ("fp32", "bf16")  # the frozen encoder's weights and activations
 POS_EMBED_INTERPOLATIONS = ("official", "timm")  # encoder position-table resizing (spec §3)
 SEG_HEAD_LAYOUTS = ("onenip", "plain")  # INP-Former++ segmentation head (spec §13.4)
 COHERENCE_KINDS = ("hard", "soft")  # L_c (conference) or L_sc (++) (spec §8, §13.1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,8 @@ __all__ = [
     "global_count",
     "global_mean",
     "init_from_env",
+    "rank_mean",
+    "wrap_ddp",
 ]
 
 ENV_WORLD = "WORLD_SIZE"
@@ -134,6 +137,25 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return y
 
 
+def wrap_ddp(module: nn.Module, device: torch.device, local_rank: int) -> nn.Module:
+    """``module`` in DistributedDataParallel (gradients averaged over the ranks; no buffer syncs)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [local_rank] if device.type == "cuda" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: still the flag that skips syncs
+        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
+def rank_mean(ctx: DistContext, values: dict[str, torch.Tensor]) -> list[float]:
+    """Loss values averaged over the ranks (each rank's are means of its share); alone: the values."""
+    stacked = torch.stack([v.detach().float() for v in values.values()])
+    if ctx.active:
+        dist.all_reduce(stacked)
+        stacked = stacked / ctx.world
+    return stacked.tolist()
+
+
 def convert_batchnorm(model: nn.Module, cuda: bool) -> nn.Module:
     """Replace the BatchNorm2d layers of ``model`` in place by global-statistics ones (SyncBatchNorm on
     CUDA, :class:`GlobalBatchNorm2d` elsewhere); parameters and running statistics are kept."""
@@ -142,8 +164,9 @@ def convert_batchnorm(model: nn.Module, cuda: bool) -> nn.Module:
     for parent in model.modules():
         for name, child in list(parent.named_children()):
             if type(child) is nn.BatchNorm2d:
-                new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                        child.track_running_stats)  # fmt: skip
+                new = GlobalBatchNorm2d(
+                    child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+                )
                 new.load_state_dict(child.state_dict())
                 setattr(parent, name, new.to(next(child.parameters(), child.running_mean).device))
     return model

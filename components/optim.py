@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["StableAdamW", "WarmCosineSchedule", "clip_grad_norm"]
+if TYPE_CHECKING:
+    from components.train_config import TrainConfig
+
+__all__ = ["StableAdamW", "WarmCosineSchedule", "clip_grad_norm", "phase_optimizer"]
 
 
 class StableAdamW(Optimizer):
@@ -155,3 +159,29 @@ def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> flo
     if not params or max_norm <= 0:
         return 0.0
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def phase_optimizer(
+    model: Any, cfg: TrainConfig, name: str, total_iters: int
+) -> tuple[StableAdamW, WarmCosineSchedule]:
+    """Freeze what phase ``name`` (``main`` or ``head``) does not train; the optimiser and schedule of the rest."""
+    trunk, head = model.trunk_parameters(), model.head_parameters()
+    train_head = name == "head" or cfg.residual_mode == "joint"
+    for p in trunk:
+        p.requires_grad_(name == "main")
+    for p in head:
+        p.requires_grad_(train_head)
+    groups = [{"params": trunk, "name": "trunk"}] if name == "main" else []
+    if train_head:
+        groups.append({"params": head, "name": "head", "lr_scale": cfg.head_lr_scale})
+    optimizer = StableAdamW(
+        groups,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        amsgrad=cfg.amsgrad,
+        clip_threshold=cfg.clip_threshold,
+    )
+    schedule = WarmCosineSchedule(optimizer, cfg.lr, cfg.final_lr, total_iters, min(cfg.warmup_iters, total_iters))
+    return optimizer, schedule

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from components.constants import AMP_MODES, RESIDUAL_MODES, check_choice
+from components.distributed import DistContext
 
 __all__ = ["AMP_MODES", "RESIDUAL_MODES", "CheckpointSpec", "TrainConfig", "TrainState", "seed_everything"]
 
@@ -49,6 +50,9 @@ class TrainConfig:
     seed: int = 1
     device: str = "cpu"
     amp: str = "none"
+    tf32: bool = False  # TF32 matmuls / convolutions on Ampere and newer GPUs
+    compile: bool = False  # torch.compile the trainable part; eager again if compiling fails
+    parallel: DistContext = field(default_factory=DistContext)  # this process's rank (DDP), or alone
     num_workers: int = 0
     drop_last: bool = True
     checkpoint_every: int = 1000

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -30,11 +29,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from components.acceleration import compile_with_fallback, set_tf32
 from components.checkpoint import latest_checkpoint, load_train_state, read_progress, save_train_checkpoint
 from components.data import batch as keys
-from components.distributed import DistContext, convert_batchnorm
+from components.distributed import DistContext, convert_batchnorm, rank_mean, wrap_ddp
 from components.losses import DiceLoss, NormalPatternLoss
-from components.optim import StableAdamW, WarmCosineSchedule, clip_grad_norm
+from components.optim import StableAdamW, WarmCosineSchedule, clip_grad_norm, phase_optimizer
 from components.train_config import (
     AMP_MODES,
     RESIDUAL_MODES,
@@ -117,32 +117,6 @@ def _phase_names(cfg: TrainConfig) -> list[tuple[str, int]]:
     return phases
 
 
-def phase_optimizer(
-    model: Any, cfg: TrainConfig, name: str, total_iters: int
-) -> tuple[StableAdamW, WarmCosineSchedule]:
-    """Freeze what phase ``name`` (``main`` or ``head``) does not train; the optimiser and schedule of the rest."""
-    trunk, head = model.trunk_parameters(), model.head_parameters()
-    train_head = name == "head" or cfg.residual_mode == "joint"
-    for p in trunk:
-        p.requires_grad_(name == "main")
-    for p in head:
-        p.requires_grad_(train_head)
-    groups = [{"params": trunk, "name": "trunk"}] if name == "main" else []
-    if train_head:
-        groups.append({"params": head, "name": "head", "lr_scale": cfg.head_lr_scale})
-    optimizer = StableAdamW(
-        groups,
-        lr=cfg.lr,
-        betas=cfg.betas,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        amsgrad=cfg.amsgrad,
-        clip_threshold=cfg.clip_threshold,
-    )
-    schedule = WarmCosineSchedule(optimizer, cfg.lr, cfg.final_lr, total_iters, min(cfg.warmup_iters, total_iters))
-    return optimizer, schedule
-
-
 def train(
     model: Any,
     dataset: Dataset,
@@ -152,12 +126,11 @@ def train(
     checkpoints: CheckpointSpec | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_iteration: Callable[[dict[str, Any]], None] | None = None,
-    ctx: DistContext | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (an :class:`~components.model.InpFormer`) on ``dataset``.
 
-    Under DDP (``ctx`` with more than one rank, :mod:`components.distributed`) every rank runs this
-    with the same arguments; rank 0 alone writes checkpoints and calls ``on_epoch``.
+    Under DDP (``cfg.parallel`` with more than one rank, :mod:`components.distributed`) every rank
+    runs this with the same arguments; rank 0 alone writes checkpoints and calls ``on_epoch``.
 
     The dataset yields :mod:`components.data.batch` dicts: ``image`` (3×H×W, normalised) or
     ``features``, and for residual learning ``anomaly_image``/``anomaly_features`` and
@@ -168,12 +141,15 @@ def train(
     if cfg.residual_mode != "off" and model.seg_head is None:
         msg = f"residual_mode={cfg.residual_mode!r} needs a model with a segmentation head (or residual_mode='off')."
         raise ValueError(msg)
-    ctx = ctx or DistContext()
+    ctx = cfg.parallel
     if ctx.active and (cfg.batch_size % ctx.world or not cfg.drop_last):
-        msg = f"train.batch_size={cfg.batch_size} must be a multiple of the {ctx.world} ranks (the global batch is split)."
+        msg = f"batch_size={cfg.batch_size} must be a multiple of the {ctx.world} ranks (the global batch is split)."
         raise ValueError(msg)
     device = torch.device(cfg.device)
     model.to(device)
+    set_tf32(device, cfg.tf32)
+    if cfg.compile:
+        compile_with_fallback(model)
     if ctx.active:  # batch statistics over the global batch, as one process computes them (seg head)
         convert_batchnorm(model, device.type == "cuda")  # before the optimisers collect the parameters
     n = len(dataset)  # type: ignore[arg-type]
@@ -216,7 +192,7 @@ def train(
             ctx=ctx,
         )
         if ctx.active:
-            phase.step = _ddp(phase)
+            phase.step = wrap_ddp(_StepLosses(phase), phase.device, ctx.local_rank)
         for epoch in range(state.epoch, epochs):
             run_epoch(phase, state, epoch, checkpoints, on_epoch, on_iteration)
         state.phase += 1
@@ -288,7 +264,7 @@ def _save(phase: _Phase, state: TrainState, checkpoints: CheckpointSpec) -> None
     phase.ctx.barrier()
 
 
-class _StepModule(torch.nn.Module):
+class _StepLosses(torch.nn.Module):
     """The losses of one step as a module, so that DDP can wrap them (the model is its submodule)."""
 
     def __init__(self, phase: _Phase) -> None:
@@ -298,16 +274,6 @@ class _StepModule(torch.nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return step_losses(self._phase[0], batch)
-
-
-def _ddp(phase: _Phase) -> torch.nn.Module:
-    """The phase's loss module in DistributedDataParallel (gradients averaged over the ranks)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [phase.ctx.local_rank] if phase.device.type == "cuda" else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: still the flag that skips syncs
-        return DistributedDataParallel(_StepModule(phase), device_ids=ids, broadcast_buffers=False)
 
 
 def _autocast(amp: str, device: torch.device):
@@ -327,18 +293,9 @@ def train_step(phase: _Phase, batch: dict[str, Any]) -> dict[str, float]:
     clip_grad_norm(phase.head_params, phase.cfg.head_grad_clip)
     phase.optimizer.step()
     phase.schedule.step()
-    logs = {k: float(v) for k, v in zip(values, _rank_mean(phase.ctx, values))}
+    logs = {k: float(v) for k, v in zip(values, rank_mean(phase.ctx, values))}
     logs["lr"] = lr
     return logs
-
-
-def _rank_mean(ctx: DistContext, values: dict[str, torch.Tensor]) -> list[float]:
-    """The step's loss values, averaged over the ranks (each rank's are means of its share)."""
-    stacked = torch.stack([v.detach().float() for v in values.values()])
-    if ctx.active:
-        torch.distributed.all_reduce(stacked)
-        stacked = stacked / ctx.world
-    return stacked.tolist()
 
 
 def _forward(model: Any, batch: dict[str, Any], image_key: str, features_key: str, device: torch.device):

@@ -68,6 +68,7 @@ def model_config(p: Params) -> InpFormerConfig:
         pos_embed_interp=m.pos_embed_interp,
         encoder_fused_attn=m.encoder_fused_attn,
         attention=m.attention,
+        encoder_dtype=m.encoder_dtype,
         encoder_overrides=dict(m.encoder_overrides),
         seg_head=None if m.seg_head == "none" else m.seg_head,
         seg_head_channels=m.seg_head_channels,

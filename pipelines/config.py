@@ -22,6 +22,7 @@ from components.constants import (
     CACHE_VERIFY_MODES,
     COHERENCE_KINDS,
     DATASET_KINDS,
+    ENCODER_DTYPES,
     FUSED_L2_NORMS,
     MAP_KINDS,
     MSE_REDUCTIONS,
@@ -129,6 +130,7 @@ class ModelParams(StrictParams):
     pos_embed_interp: Literal[POS_EMBED_INTERPOLATIONS] = "official"  # type: ignore[valid-type]
     encoder_fused_attn: bool = False
     attention: Literal[ATTENTION_MODES] = "explicit"  # type: ignore[valid-type]  # explicit | sdpa | auto
+    encoder_dtype: Literal[ENCODER_DTYPES] = "fp32"  # type: ignore[valid-type]  # bf16: frozen encoder in bf16
     seg_head: Literal[(*SEG_HEAD_LAYOUTS, "none")] = "onenip"  # type: ignore[valid-type]
     seg_head_channels: int = Field(256, ge=1)
     encoder_overrides: dict[str, int] = Field(default_factory=dict)  # dev/tests: tiny encoders (no real weights)
@@ -169,6 +171,8 @@ class TrainParams(StrictParams):
     head_epochs: int = Field(100, ge=0)
     device: str = "auto"
     amp: Literal[AMP_MODES] = "none"  # type: ignore[valid-type]
+    tf32: bool = False  # TF32 matmuls on Ampere and newer GPUs
+    compile: bool = False  # torch.compile, eager again if compiling fails
     checkpoint_every: int = Field(1000, ge=0)
     keep_checkpoints: int = Field(2, ge=1)  # a damaged newest checkpoint falls back to an older one
     deterministic: bool = True

@@ -45,8 +45,11 @@ class _Parts(Dataset):
         return {"image": img, "anomaly_image": img + 2 * mask, "anomaly_mask": mask, "label": 0, "mask": mask * 0}
 
 
-def _cfg(epochs: int) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=8, warmup_iters=2, progress=False, seed=1, checkpoint_every=1)
+def _cfg(epochs: int, ctx: DistContext | None) -> TrainConfig:
+    return TrainConfig(
+        epochs=epochs, batch_size=8, warmup_iters=2, progress=False, seed=1, checkpoint_every=1,
+        parallel=ctx or DistContext(),
+    )  # fmt: skip
 
 
 def _train(out: Path, epochs: int, ctx: DistContext | None, kill: bool = False) -> None:
@@ -60,7 +63,7 @@ def _train(out: Path, epochs: int, ctx: DistContext | None, kill: bool = False) 
             os._exit(1)  # a crashed rank: no clean-up of any kind
 
     ckpt = CheckpointSpec(out / "ckpt", {"model": {}}, resume=True)
-    train(model, _Parts(), _cfg(epochs), NormalPatternLoss(), DiceLoss(), ckpt, on_iteration=on_iteration, ctx=ctx)
+    train(model, _Parts(), _cfg(epochs, ctx), NormalPatternLoss(), DiceLoss(), ckpt, on_iteration=on_iteration)
     if ctx is None or ctx.main:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "weights.safetensors"))
         (out / "losses.json").write_text(json.dumps(losses))

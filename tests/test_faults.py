@@ -307,7 +307,7 @@ def test_resumed_training_continues_its_mlflow_run(workspace, monkeypatch) -> No
     stages.synthesize(p, progress=False)
     real = training.train_model
 
-    def killed_after_two_epochs(model, dataset, cfg, npm, dice, checkpoints, on_epoch):
+    def killed_after_two_epochs(model, dataset, cfg, npm, dice, checkpoints, on_epoch=None):
         def epoch(m: dict) -> None:
             on_epoch(m)
             if m["epoch"] == 2:

@@ -338,3 +338,20 @@ def test_sdpa_attention_matches_the_explicit_softmax() -> None:
     with torch.no_grad():
         same = auto(x)  # on CPU, auto is the explicit path: bit-identical
     assert torch.equal(same.prototypes, a.prototypes) and torch.equal(same.decoder_groups[0], a.decoder_groups[0])
+
+
+def test_bf16_encoder_gives_fp32_features_close_to_fp32() -> None:
+    from conftest import tiny_model
+
+    torch.manual_seed(0)
+    ref = tiny_model().eval()
+    low = tiny_model(encoder_dtype="bf16").eval()
+    low.load_state_dict(ref.state_dict())
+    assert next(low.encoder.parameters()).dtype == torch.bfloat16
+    assert next(low.decoder.parameters()).dtype == torch.float32  # the trainable part stays fp32
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        a, b = ref(x), low(x)
+    assert b.fused_features.dtype == torch.float32
+    rel = float((b.fused_features - a.fused_features).abs().max() / a.fused_features.abs().max())
+    assert 0 < rel < 5e-2  # bf16 has 8 bits of mantissa: close, not equal

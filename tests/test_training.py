@@ -196,3 +196,18 @@ def test_bf16_autocast_trains_close_to_fp32() -> None:
         assert all(torch.isfinite(torch.tensor(losses))) and out["iterations"] == 2
     assert results["bf16"][0] == pytest.approx(results["none"][0], rel=2e-2)
     assert results["bf16"] != results["none"]  # autocast really ran in bf16
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, caplog) -> None:
+    def broken(fn, *a, **k):
+        def run(*args, **kwargs):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    eager, eager_losses = _run(tmp_path / "eager", _cfg(epochs=1))
+    with caplog.at_level("WARNING"):
+        compiled, losses = _run(tmp_path / "compiled", _cfg(epochs=1, compile=True))
+    assert "torch.compile failed" in caplog.text and "training continues eagerly" in caplog.text
+    assert losses == eager_losses  # the same training, eagerly

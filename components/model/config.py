@@ -42,6 +42,7 @@ class InpFormerConfig:
     pos_embed_interp: str = "official"
     encoder_fused_attn: bool = False
     attention: str = "explicit"
+    encoder_dtype: str = "fp32"
     encoder_overrides: dict[str, Any] = field(default_factory=dict)
     seg_head: str | None = "onenip"
     seg_head_channels: int = 256

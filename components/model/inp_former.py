@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.constants import ATTENTION_MODES, check_choice
+from components.constants import ATTENTION_MODES, ENCODER_DTYPES, check_choice
 from components.model.config import InpFormerConfig
 from components.model.encoder import PATCH_SIZE, FrozenDinoEncoder
 from components.model.layers import AggregationBlock, Mlp, PrototypeBlock
@@ -84,10 +84,9 @@ class InpFormer(nn.Module):
         init_bound: absolute truncation bound of that init (0.03).
         pos_embed_interp: ``official`` or ``timm`` position-table resizing.
         encoder_fused_attn: fused SDPA in the encoder (faster, slightly different rounding).
-        attention: softmax attention of the encoder and the INP extractor: ``explicit`` (the official
-            code's arithmetic), ``sdpa`` (``F.scaled_dot_product_attention``: flash / memory-efficient
-            kernels on GPU) or ``auto`` (SDPA on CUDA, explicit elsewhere). The decoder's INP-guided
-            attention is a ReLU kernel, not a softmax (spec §5), so it always runs explicitly.
+        attention: encoder + extractor softmax attention: ``explicit`` (official), ``sdpa`` or ``auto``
+            (SDPA on CUDA); the decoder's attention is a ReLU kernel (§5), always explicit.
+        encoder_dtype: ``fp32`` or ``bf16`` frozen encoder (its features return to fp32).
         encoder_overrides: extra ``timm.create_model`` kwargs (tiny test encoders).
         seg_head: ``None`` (conference INP-Former), ``"onenip"`` or ``"plain"`` (INP-Former++).
         seg_head_channels: hidden width of the head (256).
@@ -117,6 +116,7 @@ class InpFormer(nn.Module):
         pos_embed_interp: str = "official",
         encoder_fused_attn: bool = False,
         attention: str = "explicit",
+        encoder_dtype: str = "fp32",
         encoder_overrides: dict | None = None,
         seg_head: str | None = "onenip",
         seg_head_channels: int = 256,
@@ -151,6 +151,7 @@ class InpFormer(nn.Module):
             pos_embed_interp=pos_embed_interp,
             encoder_fused_attn=encoder_fused_attn,
             attention=attention,
+            encoder_dtype=encoder_dtype,
             encoder_overrides=encoder_overrides,
             seg_head=seg_head,
             seg_head_channels=seg_head_channels,
@@ -188,7 +189,10 @@ class InpFormer(nn.Module):
         self._init_trainable(init_std, init_bound)
         self.seg_head = SegmentationHead(dim, seg_head_channels, seg_head) if seg_head else None
         check_choice("attention", attention, ATTENTION_MODES)
+        check_choice("encoder_dtype", encoder_dtype, ENCODER_DTYPES)
         self.attention = attention
+        self.encoder_dtype = torch.bfloat16 if encoder_dtype == "bf16" else torch.float32
+        self.encoder.to(self.encoder_dtype)  # frozen: its features return to fp32 in encode()
         for blk in self.aggregation:
             blk.attn.attention = attention
 
@@ -246,7 +250,9 @@ class InpFormer(nn.Module):
             raise ValueError(msg)
         if self.attention == "auto":  # SDPA in the ViT blocks on CUDA, the explicit softmax elsewhere
             self.encoder.set_fused_attn(images.is_cuda or self.config.encoder_fused_attn)
-        taps, grid = self.encoder(images)
+        taps, grid = self.encoder(images.to(self.encoder_dtype))
+        if self.encoder_dtype != torch.float32:
+            taps = [t.float() for t in taps]
         fused = _fuse(taps)  # F_Q: B×N×C (mean, spec §1)
         groups = [_fuse([taps[i] for i in g]) for g in self.encoder_groups_idx]
         return fused, groups, grid

@@ -120,7 +120,7 @@ def train_group(
     ctx = ctx or DistContext()
     seed_everything(p.seed, p.train.deterministic)  # per group, as the official single-class loop
     model = build_model(p)
-    cfg = build_train_config(p, progress and ctx.main)
+    cfg = replace(build_train_config(p, progress and ctx.main), parallel=ctx)
     if ctx.active and cfg.device.startswith("cuda"):
         cfg = replace(cfg, device=f"cuda:{ctx.local_rank}")
     npm, dice = build_loss(p)
@@ -144,7 +144,7 @@ def train_group(
         CHECKPOINTS_DIR / config_hash(p) / group, model_config, resume, p.train.keep_checkpoints
     )
     if not ctx.main:
-        train_model(model, dataset, cfg, npm, dice, checkpoints, ctx=ctx)
+        train_model(model, dataset, cfg, npm, dice, checkpoints)
         return {}, []
     tags = {"group": group, "encoder_pretrained": model.pretrained_loaded, "manifest_hash": manifest_hash(p)}
     if ctx.active:
@@ -161,7 +161,7 @@ def train_group(
             epoch_metrics = {f"train_{k}": v for k, v in m.items() if isinstance(v, float)}
             mlflow.log_metrics(epoch_metrics, step=int(m["epoch"]))
 
-        result = train_model(model, dataset, cfg, npm, dice, checkpoints, on_epoch=on_epoch, ctx=ctx)
+        result = train_model(model, dataset, cfg, npm, dice, checkpoints, on_epoch=on_epoch)
         save_model(out, model, model_config)
         mlflow.log_metrics({"train_seconds": result["seconds"]})
     resumed = (" (resumed)" if result["resumed"] else "") + (f" on {ctx.world} ranks" if ctx.active else "")
