@@ -8,6 +8,7 @@ caches · 5 killed sweep workers · 6 MLflow after crashes · 7 bad inputs, arch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -235,15 +236,25 @@ def test_damaged_image_cache_entry_is_recomputed(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("heartbeat", ["default", "short"])  # short: Optuna's heartbeat may fail it first
+@pytest.mark.parametrize("heartbeat", ["default", "short", "postgresql"])  # short: Optuna's heartbeat may fail it first
 def test_killed_sweep_worker_trials_are_failed_and_rerun(workspace, monkeypatch, heartbeat) -> None:
+    with contextlib.ExitStack() as stack:
+        storage = []
+        if heartbeat == "postgresql":  # the same recovery on a real PostgreSQL server
+            from postgres_server import postgres_server
+
+            storage = [f"sweep.storage={stack.enter_context(postgres_server())}"]
+        _killed_worker_run(monkeypatch, heartbeat, storage)
+
+
+def _killed_worker_run(monkeypatch, heartbeat: str, storage: list[str]) -> None:
     import mlflow
     import optuna
 
     from pipelines import stages
     from pipelines.sweep import KILL_ENV, run_sweep
 
-    over = [*TINY, "train.epochs=1", "sweep.pruner=none"]
+    over = [*TINY, "train.epochs=1", "sweep.pruner=none", *storage]
     if heartbeat == "short":
         over += ["sweep.heartbeat_s=1", "sweep.grace_s=2"]
     p = load_params("params.yaml", over)

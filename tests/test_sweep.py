@@ -96,3 +96,29 @@ def test_validation_split_is_not_the_test_set(project) -> None:
     assert not ({r.path for r in val} & test_paths)
     assert not ({r.path for r in val if r.label == 0} & {r.path for r in train_recs})
     assert {r.label for r in val} == {0, 1}
+
+
+def test_two_workers_on_a_real_postgresql_server(project) -> None:
+    """2 workers × 3 trials on PostgreSQL: exactly 6 finished trials with unique numbers, and
+    optuna-dashboard reads the study from the same URL."""
+    from optuna_dashboard import wsgi
+    from postgres_server import postgres_server
+
+    from pipelines.sweep import WORKER_ATTR, run_sweep
+
+    with postgres_server() as url:
+        over = [*TINY, "train.epochs=1", "sweep.pruner=none", f"sweep.storage={url}"]
+        p = load_params("params.yaml", over)
+        run_sweep(p, "params.yaml", over, n_trials=6, workers=2)
+        study = optuna.load_study(study_name=p.sweep.study, storage=url)
+        numbers = sorted(t.number for t in study.trials)
+        assert numbers == [0, 1, 2, 3, 4, 5] and all(t.state.is_finished() for t in study.trials)
+        workers = {t.user_attrs[WORKER_ATTR].rsplit("/", 1)[-1] for t in study.trials}
+        assert workers == {"0", "1"}, workers  # both workers ran trials
+        app = wsgi(url)
+        environ: dict = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/studies", "QUERY_STRING": ""}
+        wsgiref.util.setup_testing_defaults(environ)
+        status: list[str] = []
+        body = b"".join(app(environ, lambda s, h, exc_info=None: status.append(s)))
+        summaries = json.loads(body)["study_summaries"]
+        assert status[0].startswith("200") and [s["study_name"] for s in summaries] == [p.sweep.study]
