@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--apply", action="store_true", help="run the best params as a DVC experiment (full training), then stop"
     )
     p.add_argument("--name", dest="exp_name", help="experiment name for --apply (default: <study>-best)")
+    p.add_argument(
+        "--prefect-pool",
+        help="run the workers as flow runs on this Prefect work pool (prefect worker start --pool NAME)",
+    )
     p = sub.add_parser("predict", help="score new images: predictions.csv/.jsonl and overlays in the original frame")
     _common(p)
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders (recursive) or globs")
@@ -200,6 +204,8 @@ def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
 
         if args.apply:
             return apply_best(params, args.params, args.exp_name)
+        if args.prefect_pool:
+            params.sweep.prefect_pool = args.prefect_pool
         run_sweep(params, args.params, args.overrides, args.n_trials, args.timeout, args.workers, progress)
     elif args.command == "predict":
         from pipelines.predict import predict_images  # not needed by the other commands

@@ -224,6 +224,7 @@ class SweepParams(StrictParams):
 
     study: Slug = "inpformer-sweep"
     storage: str = "sqlite:///artifacts/sweep/optuna.db"
+    prefect_pool: str = ""  # a Prefect work pool: workers run as its flow runs ('' : local processes)
     n_trials: int = Field(20, ge=1)
     timeout_s: float | None = None
     seed: Seed = 0

@@ -196,16 +196,14 @@ def run_sweep(
         shares = worker_shares(n_trials, workers)
         sweep_id = uuid.uuid4().hex[:12]
         os.environ[SWEEP_ID_ENV] = sweep_id  # this process's trials and (inherited) the workers' ones
-        threads = str(max(1, (os.cpu_count() or 2) // workers))
-        procs = []
-        for worker, share in enumerate(shares[1:], start=1):
-            if share:
-                env = dict(os.environ, **{PARENT_ENV: parent_id, WORKER_ENV: str(worker), "OMP_NUM_THREADS": threads})
-                procs.append(subprocess.Popen(_worker_command(run, share), env=env))
-        if workers > 1:
-            torch.set_num_threads(int(threads))
-        run_worker(run, shares[0], timeout, parent_id)
-        codes = [proc.wait() for proc in procs]
+        if p.sweep.prefect_pool:  # every share as a flow run on the work pool
+            from pipelines.sweep_pool import run_on_pool  # prefect: only for --prefect-pool
+
+            ids = {PARENT_ENV: parent_id, SWEEP_ID_ENV: sweep_id}
+            jobs = [(share, {**ids, WORKER_ENV: str(w)}) for w, share in enumerate(shares) if share]
+            codes = run_on_pool(p.sweep.prefect_pool, os.getcwd(), jobs, run.params_path, run.overrides)
+        else:
+            codes = _local_workers(run, shares, timeout, parent_id)
         if any(codes):
             logger.warning("sweep workers exited with %s", codes)
         lost = fail_lost_trials(p, sweep_id, parent_id)
@@ -224,6 +222,20 @@ def run_sweep(
             mlflow.log_params({f"best.{k}": v for k, v in summary["best_params"].items()})
             mlflow.log_artifacts(str(SWEEP_DIR), artifact_path="sweep")
     return summary
+
+
+def _local_workers(run: SweepRun, shares: list[int], timeout: float | None, parent_id: str) -> list[int]:
+    """Shares 1… as worker processes, share 0 in this one; the workers' exit codes."""
+    threads = str(max(1, (os.cpu_count() or 2) // len(shares)))
+    procs = []
+    for worker, share in enumerate(shares[1:], start=1):
+        if share:
+            env = dict(os.environ, **{PARENT_ENV: parent_id, WORKER_ENV: str(worker), "OMP_NUM_THREADS": threads})
+            procs.append(subprocess.Popen(_worker_command(run, share), env=env))
+    if len(shares) > 1:
+        torch.set_num_threads(int(threads))
+    run_worker(run, shares[0], timeout, parent_id)
+    return [proc.wait() for proc in procs]
 
 
 def _trials_of(study: optuna.Study, sweep_id: str) -> list[optuna.trial.FrozenTrial]:

@@ -122,3 +122,42 @@ def test_two_workers_on_a_real_postgresql_server(project) -> None:
         body = b"".join(app(environ, lambda s, h, exc_info=None: status.append(s)))
         summaries = json.loads(body)["study_summaries"]
         assert status[0].startswith("200") and [s["study_name"] for s in summaries] == [p.sweep.study]
+
+
+def test_prefect_work_pool_runs_the_trials(project, monkeypatch) -> None:
+    """`inpformer sweep --prefect-pool`: a process work pool with one local worker runs 2 trials; they
+    land in the same study and under the sweep's MLflow parent run."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.cli import main
+
+    over = [x for x in TINY if x != "tracking.enabled=false"] + ["train.epochs=1", "sweep.pruner=none"]
+    with prefect_test_harness():
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        prefect = str(Path(sys.executable).with_name("prefect"))
+        subprocess.run([prefect, "work-pool", "create", "cpu-pool", "--type", "process"], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "cpu-pool"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            sets = [x for o in over for x in ("--set", o)]
+            assert main(["sweep", "--n-trials", "2", "--workers", "2", "--prefect-pool", "cpu-pool", *sets]) == 0
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+    p = load_params("params.yaml", over)
+    study = optuna.load_study(study_name=p.sweep.study, storage=p.sweep.storage)
+    print([(t.number, t.state.name, t.user_attrs) for t in study.trials])
+    assert sorted(t.number for t in study.trials) == [0, 1] and all(t.state.name == "COMPLETE" for t in study.trials)
+    mlflow.set_tracking_uri(p.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=[p.tracking.experiment])
+    parent = runs[runs["tags.stage"] == "sweep"]
+    trials = runs[runs["tags.stage"] == "sweep-trial"]
+    assert len(parent) == 1 and len(trials) == 2
+    assert set(trials["tags.mlflow.parentRunId"]) == {parent["run_id"].iloc[0]}
