@@ -6,8 +6,9 @@ exactly what :meth:`InpFormer.forward_features` consumes — are stored once as 
 ``features.npy`` of shape n×(1+G)×N×C and memory-mapped by every epoch and every sweep trial.
 
 The key hashes the image bytes, the transform sizes, the encoder's weights, taps and groups: any
-change gives a new folder, never a stale read. A cache is written under ``<key>.partial`` and
-renamed when complete. ``done.json`` records the array's shape, byte size and BLAKE2 digest; opening
+change gives a new folder, never a stale read. A cache is written under ``<key>.partial-<pid>`` and
+renamed when complete, under a lock (``<key>.lock``): concurrent processes (sweep workers) wait for
+the one that builds it, then read it. ``done.json`` records the array's shape, byte size and BLAKE2 digest; opening
 a cache always checks the size and the ``.npy`` header, and the first open in a process (a new run)
 also the digest unless ``verify="size"``. A damaged cache is rebuilt, with a warning naming the
 file. Where inputs change every epoch (on-the-fly synthesis, few-shot
@@ -16,12 +17,14 @@ augmentation) :class:`CachedFeatureDataset` falls back to the encoder for those 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,18 @@ __all__ = [
 ENCODE_BATCH = 16  # images per batch of the one-off encoder pass
 CACHE_HASH = "blake2b"  # of the image files (key) and of the cached array
 _VERIFIED: set[str] = set()  # caches whose digest this process has checked
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``<folder>.lock`` (POSIX ``flock``; released when the process dies)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def reset_verified() -> None:
@@ -113,12 +128,13 @@ class FeatureCache:
         self.key = h.hexdigest()[:20]
         self.dir = Path(folder) / self.key
         self.built = False
-        problem = self.problem(len(paths), settings.verify == "full" and self.key not in _VERIFIED)
-        if problem is not None:
-            if problem != "not built yet":
-                logger.warning("feature cache damaged: %s; rebuilding it.", problem)
-            self._build(model, list(paths), load, settings.device, settings.progress)
-            self.built = True
+        with _build_lock(self.dir):  # concurrent sweep workers: one builds, the others wait and read it
+            problem = self.problem(len(paths), settings.verify == "full" and self.key not in _VERIFIED)
+            if problem is not None:
+                if problem != "not built yet":
+                    logger.warning("feature cache damaged: %s; rebuilding it.", problem)
+                self._build(model, list(paths), load, settings.device, settings.progress)
+                self.built = True
         _VERIFIED.add(self.key)
         self.array = np.load(self.dir / "features.npy", mmap_mode="r")
 
@@ -147,7 +163,7 @@ class FeatureCache:
 
     def _build(self, model: Any, paths: list[str], load: Any, device: str, progress: bool) -> None:
         batch_size = ENCODE_BATCH
-        tmp = self.dir.with_name(self.dir.name + ".partial")
+        tmp = self.dir.with_name(f"{self.dir.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         model = model.to(device).eval()

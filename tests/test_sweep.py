@@ -153,7 +153,6 @@ def test_prefect_work_pool_runs_the_trials(project, monkeypatch) -> None:
             worker.wait(timeout=60)
     p = load_params("params.yaml", over)
     study = optuna.load_study(study_name=p.sweep.study, storage=p.sweep.storage)
-    print([(t.number, t.state.name, t.user_attrs) for t in study.trials])
     assert sorted(t.number for t in study.trials) == [0, 1] and all(t.state.name == "COMPLETE" for t in study.trials)
     mlflow.set_tracking_uri(p.tracking.uri)
     runs = mlflow.search_runs(experiment_names=[p.tracking.experiment])
