@@ -30,8 +30,10 @@ __all__ = [
     "convert_batchnorm",
     "global_count",
     "global_mean",
+    "global_sum",
     "init_from_env",
     "rank_mean",
+    "world_size",
     "wrap_ddp",
 ]
 
@@ -96,6 +98,19 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def world_size() -> int:
+    """Ranks in the process group (1 without one)."""
+    return _world()
+
+
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the ranks (no gradient, no host sync); ``x`` alone."""
+    if _world() > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x)
+    return x
+
+
 def global_count(mask: torch.Tensor) -> tuple[int, int]:
     """(number of True in ``mask`` on all ranks, number of ranks)."""
     n = mask.sum()
@@ -148,8 +163,10 @@ def wrap_ddp(module: nn.Module, device: torch.device, local_rank: int) -> nn.Mod
 
 
 def rank_mean(ctx: DistContext, values: dict[str, torch.Tensor]) -> list[float]:
-    """Loss values averaged over the ranks (each rank's are means of its share); alone: the values."""
-    stacked = torch.stack([v.detach().float() for v in values.values()])
+    """Loss values averaged over the ranks (each rank's are means of its share); alone: the values.
+    Float32 values stay float32 before the mean (as logged before), float64 sums stay float64."""
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in values.values()) else torch.float32
+    stacked = torch.stack([v.detach().to(dtype) for v in values.values()])
     if ctx.active:
         dist.all_reduce(stacked)
         stacked = stacked / ctx.world

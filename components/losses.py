@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.constants import COHERENCE_KINDS, MSE_REDUCTIONS, check_choice
-from components.distributed import global_count, global_mean
+from components.distributed import global_count, global_mean, global_sum, world_size
 
 __all__ = [
     "COHERENCE_KINDS",
@@ -176,6 +176,7 @@ class DiceLoss(nn.Module):
         super().__init__()
         self.eps = eps
         self.only_anomalous = only_anomalous
+        self.sync_free: bool | None = None  # None: on CUDA; True/False force the branch (tests)
 
     def forward(self, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """probs: B×1×H×W in [0, 1] (sigmoid of the head), target: B×1×H×W in {0, 1} → scalar."""
@@ -184,6 +185,11 @@ class DiceLoss(nn.Module):
             raise ValueError(msg)
         p, g = probs.flatten(1), target.flatten(1).to(probs.dtype)
         per_image = 1.0 - 2.0 * (p * g).sum(1) / ((p * p).sum(1) + (g * g).sum(1) + self.eps)
+        sync_free = probs.is_cuda if self.sync_free is None else self.sync_free
+        if self.only_anomalous and sync_free:  # the same mean without a host sync (GPU)
+            keep = (g.sum(1) > 0).to(per_image.dtype)
+            total, world = global_sum(keep.sum()), world_size()
+            return (per_image * keep).sum() * (world / total.clamp_min(1.0))
         if self.only_anomalous:
             keep = g.sum(1) > 0
             total, world = global_count(keep)  # anomalous images on all ranks (DDP), and the ranks

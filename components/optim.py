@@ -41,6 +41,7 @@ class StableAdamW(Optimizer):
         amsgrad: bool = True,
         clip_threshold: float = 1.0,
     ) -> None:
+        self.sync_free: bool | None = None  # None: on CUDA; True/False force the branch (tests)
         if lr < 0 or eps < 0 or weight_decay < 0 or clip_threshold <= 0:
             msg = f"invalid StableAdamW settings lr={lr} eps={eps} wd={weight_decay} clip={clip_threshold}"
             raise ValueError(msg)
@@ -91,6 +92,11 @@ class StableAdamW(Optimizer):
                     torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
                     second = state["max_exp_avg_sq"]
                 denom = (second.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
+                if grad.is_cuda if self.sync_free is None else self.sync_free:  # no host sync per parameter
+                    rms_t = (grad / denom).norm(2) / math.sqrt(grad.numel())
+                    scale = (rms_t / group["clip_threshold"]).clamp_min(1.0)
+                    p.addcdiv_(exp_avg * (-lr / (1.0 - beta1**t) / scale), denom)
+                    continue
                 rms = float((grad / denom).norm(2)) / math.sqrt(grad.numel())
                 step_size = lr / (1.0 - beta1**t) / max(1.0, rms / group["clip_threshold"])
                 p.addcdiv_(exp_avg, denom, value=-step_size)
@@ -153,12 +159,12 @@ class WarmCosineSchedule:
         self._apply()
 
 
-def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
-    """Global L2 gradient clipping (spec §9.3); returns the pre-clip norm."""
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 gradient clipping (spec §9.3); returns the pre-clip norm (a tensor: no host sync)."""
     params = [p for p in params if p.grad is not None]
     if not params or max_norm <= 0:
-        return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return torch.zeros(())
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def phase_optimizer(

@@ -56,6 +56,7 @@ class TrainConfig:
     num_workers: int = 0
     drop_last: bool = True
     checkpoint_every: int = 1000
+    log_every: int = 1  # iterations between loss logs and NaN checks (each one a host sync on GPU)
     progress: bool = True
 
     def __post_init__(self) -> None:

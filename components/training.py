@@ -218,32 +218,35 @@ def run_epoch(
     cfg = phase.cfg
     if hasattr(phase.dataset, "set_epoch"):
         phase.dataset.set_epoch(epoch + PHASE_EPOCH_STRIDE * phase.index)
-    sampler = EpochSampler(len(phase.dataset), cfg, epoch, state.batch, phase.ctx)  # type: ignore[arg-type]
+    skipped = state.batch  # batches of this epoch done before a resume
+    sampler = EpochSampler(len(phase.dataset), cfg, epoch, skipped, phase.ctx)  # type: ignore[arg-type]
     loader = DataLoader(
         phase.dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=phase.device.type == "cuda"
     )
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # float64 on the device: no host sync per step
     count = 0
     phase.model.train()
     desc = f"{phase.name} epoch {epoch + 1}/{phase.epochs}"
     bar = tqdm(loader, total=len(sampler), desc=desc, disable=not cfg.progress, leave=False)
     for batch in bar:
-        logs = train_step(phase, batch)
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v
+        values, lr = train_step(phase, batch)
+        for k, v in values.items():
+            sums[k] = sums[k] + v.double() if k in sums else v.double()
         count += 1
         state.batch += 1
         state.global_iteration += 1
         state.phase_iteration = phase.schedule.iteration
-        if not math.isfinite(logs["total"]):
-            msg = f"loss became {logs['total']} at iteration {state.global_iteration}."
-            raise FloatingPointError(msg)
-        if on_iteration is not None:
-            on_iteration({**logs, "iteration": state.global_iteration, "phase": phase.name})
-        bar.set_postfix(loss=f"{logs['total']:.4f}", lr=f"{logs['lr']:.2e}")
+        if state.global_iteration % cfg.log_every == 0 or state.batch == len(sampler) + skipped:
+            logs = {**dict(zip(values, rank_mean(phase.ctx, values))), "lr": lr}  # the one sync
+            if not math.isfinite(logs["total"]):
+                msg = f"loss became {logs['total']} at iteration {state.global_iteration}."
+                raise FloatingPointError(msg)
+            if on_iteration is not None:
+                on_iteration({**logs, "iteration": state.global_iteration, "phase": phase.name})
+            bar.set_postfix(loss=f"{logs['total']:.4f}", lr=f"{logs['lr']:.2e}")
         if checkpoints and cfg.checkpoint_every and state.global_iteration % cfg.checkpoint_every == 0:
             _save(phase, state, checkpoints)
-    means: dict[str, Any] = {k: v / max(count, 1) for k, v in sums.items()}
+    means: dict[str, Any] = {k: v / max(count, 1) for k, v in zip(sums, rank_mean(phase.ctx, sums))}
     means.update(epoch=epoch + 1, phase=phase.name)
     state.history.append(means)
     state.epoch, state.batch = epoch + 1, 0
@@ -282,8 +285,9 @@ def _autocast(amp: str, device: torch.device):
     return nullcontext()
 
 
-def train_step(phase: _Phase, batch: dict[str, Any]) -> dict[str, float]:
-    """Forward, backward, clip and step on one batch; return the losses and the lr used."""
+def train_step(phase: _Phase, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float]:
+    """Forward, backward, clip and step on one batch; the detached losses (on the device: no host
+    sync) and the lr used."""
     lr = phase.optimizer.param_groups[0]["lr"]
     with _autocast(phase.cfg.amp, phase.device):
         values = phase.step(batch) if phase.step is not None else step_losses(phase, batch)
@@ -293,9 +297,7 @@ def train_step(phase: _Phase, batch: dict[str, Any]) -> dict[str, float]:
     clip_grad_norm(phase.head_params, phase.cfg.head_grad_clip)
     phase.optimizer.step()
     phase.schedule.step()
-    logs = {k: float(v) for k, v in zip(values, rank_mean(phase.ctx, values))}
-    logs["lr"] = lr
-    return logs
+    return {k: v.detach() for k, v in values.items()}, lr
 
 
 def _forward(model: Any, batch: dict[str, Any], image_key: str, features_key: str, device: torch.device):

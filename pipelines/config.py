@@ -174,6 +174,7 @@ class TrainParams(StrictParams):
     tf32: bool = False  # TF32 matmuls on Ampere and newer GPUs
     compile: bool = False  # torch.compile, eager again if compiling fails
     checkpoint_every: int = Field(1000, ge=0)
+    log_every: int = Field(1, ge=1)  # iterations between loss logs / NaN checks (a GPU sync each)
     keep_checkpoints: int = Field(2, ge=1)  # a damaged newest checkpoint falls back to an older one
     deterministic: bool = True
     feature_cache: bool = False  # cache the frozen encoder's outputs (fp16, memory-mapped) across epochs

@@ -1,25 +1,21 @@
 """Optuna sweeps over any params keys (default M, γ, λ) with pruning, shared storage and MLflow.
 
-* Study in ``sweep.storage`` (default ``sqlite:///artifacts/sweep/optuna.db``; a PostgreSQL URL
-  works unchanged), seeded TPE, heartbeats so a crashed worker's trial is marked failed.
+* Study in ``sweep.storage`` (SQLite by default, PostgreSQL for many machines), seeded TPE,
+  heartbeats; workers are local processes or flow runs on a Prefect work pool (``sweep_pool``).
 * A killed worker loses nothing: each trial records its sweep and worker; when the workers have
   exited, the coordinator marks their trials still RUNNING as FAIL (with a FAILED MLflow child run)
   and runs the missing share itself, so ``--n-trials N`` ends with N finished trials.
 * Objective on a validation split (held-out training normals + drawn or real anomalies), never the
   test set unless ``sweep.objective_split: test`` (the paper's protocol, with a warning).
 * Pruning from per-epoch reports (median) or per-category results (Wilcoxon).
-* MLflow: a parent run per sweep and one nested run per trial (our own callback; Optuna's MLflow
-  callback is deprecated), also across worker processes.
-* Each trial trains exactly what ``inpformer train`` trains for the configured setting
-  (:func:`pipelines.training_data.training_dataset`); the encoder-feature cache makes every epoch
-  of every trial skip the frozen encoder.
+* MLflow: a parent run per sweep and one nested run per trial (our own callback), across workers.
+* Each trial trains exactly what ``inpformer train`` trains (:mod:`pipelines.training_data`).
 * optuna is imported at module top: this module is only imported by the sweep commands.
 * Results: ``artifacts/sweep/best_params.yaml`` (the searched keys only, as ``KEY: value``), the
   ``dvc exp run -S`` command that applies them at full training length (``inpformer sweep
   --apply`` runs it: a DVC experiment, logged to MLflow and registered through the champion gate),
   and PNGs of the optimisation history, parallel coordinates and parameter importances.
-* One progress line per finished trial.
-"""
+* One progress line per finished trial."""
 
 from __future__ import annotations
 
@@ -159,12 +155,10 @@ def worker_shares(n_trials: int, workers: int) -> list[int]:
     return [n_trials // workers + (1 if i < n_trials % workers else 0) for i in range(workers)]
 
 
-def _worker_command(run: SweepRun, share: int) -> list[str]:
-    cmd = [sys.executable, "-m", "pipelines.cli", "sweep", "--no-progress", "--n-trials", str(share)]
-    cmd += ["--params", run.params_path]
-    for o in run.overrides:
-        cmd += ["--set", o]
-    return cmd
+def worker_command(params_path: str, overrides: list[str], share: int) -> list[str]:
+    """The command line of one worker process running ``share`` trials."""
+    head = [sys.executable, "-m", "pipelines.cli", "sweep", "--no-progress", "--n-trials", str(share)]
+    return [*head, "--params", params_path, *(x for o in overrides for x in ("--set", o))]
 
 
 def run_sweep(
@@ -231,7 +225,7 @@ def _local_workers(run: SweepRun, shares: list[int], timeout: float | None, pare
     for worker, share in enumerate(shares[1:], start=1):
         if share:
             env = dict(os.environ, **{PARENT_ENV: parent_id, WORKER_ENV: str(worker), "OMP_NUM_THREADS": threads})
-            procs.append(subprocess.Popen(_worker_command(run, share), env=env))
+            procs.append(subprocess.Popen(worker_command(run.params_path, run.overrides, share), env=env))
     if len(shares) > 1:
         torch.set_num_threads(int(threads))
     run_worker(run, shares[0], timeout, parent_id)

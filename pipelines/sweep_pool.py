@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -33,10 +32,9 @@ ENTRYPOINT = "pipelines.sweep_pool.sweep_worker_flow"  # a module path: workers 
 @flow(name=WORKER_FLOW, log_prints=True)
 def sweep_worker_flow(root: str, n_trials: int, env: dict[str, str], params_path: str, overrides: list[str]) -> int:
     """``n_trials`` trials of the shared study, as one worker (``env``: parent run, worker index, sweep id)."""
-    cmd = [sys.executable, "-m", "pipelines.cli", "sweep", "--no-progress", "--n-trials", str(n_trials)]
-    cmd += ["--params", params_path]
-    for o in overrides:
-        cmd += ["--set", o]
+    from pipelines.sweep import worker_command  # optuna: imported in the flow run only
+
+    cmd = worker_command(params_path, overrides, n_trials)
     get_run_logger().info("%d trial(s) in %s", n_trials, root)
     code = subprocess.run(cmd, cwd=root, env={**os.environ, **env}, check=False).returncode
     if code:

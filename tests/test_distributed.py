@@ -167,3 +167,14 @@ def test_inpformer_train_nproc_2_matches_one_process(tmp_path, monkeypatch) -> N
 def test_ranks_with_other_params_stop_with_a_clear_error() -> None:
     with pytest.raises(mp.ProcessRaisedException, match=r"ranks \[1\] were started with other params"):
         mp.spawn(_disagreeing, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path) -> None:
+    """The checkpoint counts global batches: a 2-rank run killed mid-epoch resumes with 1 process."""
+    _ddp(tmp_path / "full", 2)
+    with pytest.raises((mp.ProcessRaisedException, mp.ProcessExitedException)):
+        _ddp(tmp_path / "cut", 2, kill=True)
+    done = json.loads((latest_checkpoint(tmp_path / "cut" / "ckpt") / "train_state.json").read_text())
+    _train(tmp_path / "cut", 2, None)  # one process, batch 8 = the same global batches
+    assert len(json.loads((tmp_path / "cut" / "losses.json").read_text())) == 6 - done["progress"]["global_iteration"]
+    _close(load_file(tmp_path / "cut" / "weights.safetensors"), load_file(tmp_path / "full" / "weights.safetensors"))

@@ -133,3 +133,21 @@ def test_normal_pattern_loss_combines_terms() -> None:
     assert float(ts["coherence"]) == pytest.approx(float(SoftCoherenceLoss()(o.fused_features, o.prototypes)))
     with pytest.raises(ValueError, match="coherence"):
         NormalPatternLoss(coherence="medium")
+
+
+def test_dice_sync_free_branch_matches() -> None:
+    """The GPU branch of the Dice loss (no host sync) gives the same value and gradient."""
+    torch.manual_seed(0)
+    target = torch.zeros(4, 1, 8, 8)
+    target[1, :, :4, :4] = 1
+    target[3, :, 2:, 2:] = 1
+    for t in (target, torch.zeros_like(target)):  # with anomalies, and none at all
+        logits = torch.randn(4, 1, 8, 8, requires_grad=True)
+        official, fused = DiceLoss(), DiceLoss()
+        fused.sync_free = True
+        a = official(torch.sigmoid(logits), t)
+        (ga,) = torch.autograd.grad(a, logits)
+        b = fused(torch.sigmoid(logits), t)
+        (gb,) = torch.autograd.grad(b, logits)
+        assert float(a) == pytest.approx(float(b), rel=1e-6, abs=1e-7)
+        assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-7)

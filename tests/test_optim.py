@@ -99,3 +99,20 @@ def test_bad_settings() -> None:
         StableAdamW([torch.nn.Parameter(torch.zeros(1))], betas=(1.0, 0.9))
     with pytest.raises(ValueError):
         WarmCosineSchedule(StableAdamW([torch.nn.Parameter(torch.zeros(1))]), 1e-3, 1e-4, 0)
+
+
+def test_sync_free_update_matches_the_official_one() -> None:
+    """The GPU branch of StableAdamW (no host sync per parameter) against the official float path."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(3))]
+    twins = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    official, fused = StableAdamW(weights, lr=1e-2, clip_threshold=0.5), StableAdamW(twins, lr=1e-2, clip_threshold=0.5)
+    fused.sync_free = True
+    for step in range(4):
+        grads = [torch.randn_like(w) * (10.0 if step == 1 else 1.0) for w in weights]  # step 1: clipped
+        for w, t, g in zip(weights, twins, grads):
+            w.grad, t.grad = g.clone(), g.clone()
+        official.step()
+        fused.step()
+    for w, t in zip(weights, twins):
+        assert torch.allclose(w, t, rtol=1e-6, atol=1e-7)
