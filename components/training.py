@@ -61,22 +61,52 @@ PHASE_EPOCH_STRIDE = 10_000  # set_epoch(epoch + stride · phase): each phase dr
 SAMPLER_SEED_STRIDE = 100_003  # the sampler's generator seed = seed · stride + epoch
 
 
-class EpochSampler(Sampler[list[int]]):
+class EpochSampler(Sampler[list[tuple[int, int]]]):
     """Batches of one epoch from a (seed, epoch)-seeded permutation, starting at batch ``skip``;
-    under DDP each rank takes its contiguous share of every global batch (the distributed sampler)."""
+    under DDP each rank takes its contiguous share of every global batch (the distributed sampler).
 
-    def __init__(self, n: int, cfg: TrainConfig, epoch: int, skip: int, ctx: DistContext | None = None) -> None:
+    Items are ``(tag, index)``: :class:`EpochIndexed` tells the dataset copy that reads them (in the
+    main process or a persistent loader worker) the epoch ``tag`` itself. Reused across epochs by
+    :meth:`set_epoch`, so one loader (and its workers) lives for the whole phase.
+    """
+
+    def __init__(self, n: int, cfg: TrainConfig, ctx: DistContext | None = None) -> None:
+        self.n, self.cfg, self.ctx = n, cfg, ctx
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def set_epoch(self, epoch: int, skip: int, tag: int) -> None:
+        """The batches of ``epoch`` from batch ``skip``; items tagged ``tag`` (the dataset's epoch)."""
+        cfg, ctx = self.cfg, self.ctx
         g = torch.Generator().manual_seed(cfg.seed * SAMPLER_SEED_STRIDE + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-        stop = (n // cfg.batch_size) * cfg.batch_size if cfg.drop_last else n
+        order = torch.randperm(self.n, generator=g).tolist()
+        stop = (self.n // cfg.batch_size) * cfg.batch_size if cfg.drop_last else self.n
         batches = [order[i : i + cfg.batch_size] for i in range(0, stop, cfg.batch_size)][skip:]
-        self.batches = [b[ctx.share(len(b))] for b in batches] if ctx is not None and ctx.active else batches
+        batches = [b[ctx.share(len(b))] for b in batches] if ctx is not None and ctx.active else batches
+        self.batches = [[(tag, i) for i in b] for b in batches]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         return iter(self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class EpochIndexed(Dataset):
+    """A dataset read by ``(epoch tag, index)``: calls ``set_epoch`` on its own copy when the tag
+    changes, so loader workers that persist across epochs draw each epoch's pseudo anomalies."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset, self.tag = dataset, None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        tag, index = key
+        if tag != self.tag and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(tag)
+        self.tag = tag
+        return self.dataset[index]
 
 
 @dataclass
@@ -98,6 +128,8 @@ class _Phase:
     device: torch.device
     ctx: DistContext = field(default_factory=DistContext)
     step: Any = None  # the DDP-wrapped loss module under DDP (None: step_losses directly)
+    sampler: EpochSampler | None = None  # one sampler and loader per phase (persistent workers)
+    loader: DataLoader | None = None
 
     @property
     def joint(self) -> bool:
@@ -216,13 +248,18 @@ def run_epoch(
 ) -> dict[str, Any]:
     """One epoch of ``phase`` from batch ``state.batch``; updates ``state``; returns the mean losses."""
     cfg = phase.cfg
-    if hasattr(phase.dataset, "set_epoch"):
-        phase.dataset.set_epoch(epoch + PHASE_EPOCH_STRIDE * phase.index)
+    if phase.loader is None:
+        phase.sampler = EpochSampler(len(phase.dataset), cfg, phase.ctx)  # type: ignore[arg-type]
+        phase.loader = DataLoader(
+            EpochIndexed(phase.dataset),
+            batch_sampler=phase.sampler,
+            num_workers=cfg.num_workers,
+            pin_memory=phase.device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0,
+        )
     skipped = state.batch  # batches of this epoch done before a resume
-    sampler = EpochSampler(len(phase.dataset), cfg, epoch, skipped, phase.ctx)  # type: ignore[arg-type]
-    loader = DataLoader(
-        phase.dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=phase.device.type == "cuda"
-    )
+    sampler, loader = phase.sampler, phase.loader
+    sampler.set_epoch(epoch, skipped, epoch + PHASE_EPOCH_STRIDE * phase.index)
     sums: dict[str, torch.Tensor] = {}  # float64 on the device: no host sync per step
     count = 0
     phase.model.train()

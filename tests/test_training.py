@@ -211,3 +211,11 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, caplog) -> N
         compiled, losses = _run(tmp_path / "compiled", _cfg(epochs=1, compile=True))
     assert "torch.compile failed" in caplog.text and "training continues eagerly" in caplog.text
     assert losses == eager_losses  # the same training, eagerly
+
+
+def test_persistent_loader_workers_draw_each_epochs_anomalies(tmp_path) -> None:
+    """Two persistent loader workers give the losses of the main-process loader over 3 epochs: the
+    epoch reaches the workers' dataset copies (the pseudo anomalies move every epoch)."""
+    _, main_losses = _run(tmp_path / "main", _cfg(epochs=3))
+    _, worker_losses = _run(tmp_path / "workers", _cfg(epochs=3, num_workers=2))
+    assert worker_losses == main_losses
