@@ -213,7 +213,7 @@ def run_epoch(
     sampler, loader = phase.sampler, phase.loader
     sampler.set_epoch(epoch, skipped, epoch + PHASE_EPOCH_STRIDE * phase.index)
     sums: dict[str, torch.Tensor] = {}  # float64 on the device: no host sync per step
-    count = 0
+    count, lr_sum = 0, 0.0
     phase.model.train()
     desc = f"{phase.name} epoch {epoch + 1}/{phase.epochs}"
     bar = tqdm(loader, total=len(sampler), desc=desc, disable=not cfg.progress, leave=False)
@@ -221,6 +221,7 @@ def run_epoch(
         values, lr = train_step(phase, batch)
         for k, v in values.items():
             sums[k] = sums[k] + v.double() if k in sums else v.double()
+        lr_sum += lr
         count += 1
         state.batch += 1
         state.global_iteration += 1
@@ -236,6 +237,7 @@ def run_epoch(
         if checkpoints and cfg.checkpoint_every and state.global_iteration % cfg.checkpoint_every == 0:
             _save(phase, state, checkpoints)
     means: dict[str, Any] = {k: v / max(count, 1) for k, v in zip(sums, rank_mean(phase.ctx, sums))}
+    means["lr"] = lr_sum / max(count, 1)
     means.update(epoch=epoch + 1, phase=phase.name)
     state.history.append(means)
     state.epoch, state.batch = epoch + 1, 0

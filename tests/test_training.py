@@ -219,3 +219,11 @@ def test_persistent_loader_workers_draw_each_epochs_anomalies(tmp_path) -> None:
     _, main_losses = _run(tmp_path / "main", _cfg(epochs=3))
     _, worker_losses = _run(tmp_path / "workers", _cfg(epochs=3, num_workers=2))
     assert worker_losses == main_losses
+
+
+def test_epoch_history_holds_mean_losses_and_lr(tmp_path) -> None:
+    seed_everything(1)
+    out = train(tiny_model(), _Toy(), _cfg(epochs=2, checkpoint_every=0), NormalPatternLoss(), DiceLoss())
+    first = out["history"][0]
+    assert {"total", "cos", "coherence", "seg", "lr", "epoch", "phase"} <= set(first)
+    assert 0 < first["lr"] <= 1e-3 and isinstance(first["total"], float)
