@@ -266,7 +266,7 @@ def _killed_worker_run(monkeypatch, heartbeat: str, storage: list[str]) -> None:
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == 4 and "RUNNING" not in states, states
     assert states.count("FAIL") == 1 and summary["states"]["COMPLETE"] == 4
-    mlflow.set_tracking_uri(p.tracking.uri)
+    mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}")  # absolute: MLflow caches stores by URI
     runs = mlflow.search_runs(experiment_names=[p.tracking.experiment], filter_string="tags.stage = 'sweep-trial'")
     assert sorted(runs["status"]) == ["FAILED", "FINISHED", "FINISHED", "FINISHED", "FINISHED"]
     params = [tuple(sorted(t.params.items())) for t in study.trials if t.state.name == "COMPLETE"]

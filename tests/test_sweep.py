@@ -154,7 +154,7 @@ def test_prefect_work_pool_runs_the_trials(project, monkeypatch) -> None:
     p = load_params("params.yaml", over)
     study = optuna.load_study(study_name=p.sweep.study, storage=p.sweep.storage)
     assert sorted(t.number for t in study.trials) == [0, 1] and all(t.state.name == "COMPLETE" for t in study.trials)
-    mlflow.set_tracking_uri(p.tracking.uri)
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")  # absolute: MLflow caches stores by URI
     runs = mlflow.search_runs(experiment_names=[p.tracking.experiment])
     parent = runs[runs["tags.stage"] == "sweep"]
     trials = runs[runs["tags.stage"] == "sweep-trial"]
