@@ -25,6 +25,9 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from model_speed import time_ms
 
 from components.anomaly_map import reconstruction_map
 from components.distributed import init_from_env
@@ -42,21 +45,6 @@ def _model(spec: dict, attention: str, device: str) -> InpFormer:
     torch.manual_seed(0)
     kw = {k: v for k, v in spec.items() if k != "batch"}
     return InpFormer(num_prototypes=6, seg_head_channels=64, attention=attention, **kw).to(device)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, iters: int, device: str) -> float:
-    fn()
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t) / iters * 1000
 
 
 def _variant(spec: dict, device: str, bf16: bool, attention: str, compiled: bool, iters: int) -> dict:
@@ -81,13 +69,13 @@ def _variant(spec: dict, device: str, bf16: bool, attention: str, compiled: bool
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        train_ms = _timed(step, iters, device)
+        train_ms = time_ms(step, iters, device)
     except Exception as err:  # compile or a kernel unavailable here: reported, not fatal
         return {"error": f"{type(err).__name__}: {str(err)[:60]}"}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     model.eval()
     with torch.no_grad(), cast:
-        infer_ms = _timed(lambda: forward(x), iters, device) / b
+        infer_ms = time_ms(lambda: forward(x), iters, device) / b
         out = forward(x)
         amap = reconstruction_map(out.encoder_groups, out.decoder_groups, (size, size)).float()
     return {"train_ms": train_ms, "peak_gib": peak, "infer_ms": infer_ms, "map": amap}

@@ -33,7 +33,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, iters: int, device: str) -> float:
+def time_ms(fn, iters: int, device: str) -> float:
+    """Milliseconds per call of ``fn`` after one warm-up call (CUDA synchronised)."""
     fn()  # warm-up
     _sync(device)
     t = time.perf_counter()
@@ -75,7 +76,7 @@ def attention_memory(dim: int, heads: int, n: int, m: int, batch: int, device: s
                 fn()
                 torch.cuda.synchronize()
                 out[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            out[f"{name}_ms"] = _time(fn, iters, device)
+            out[f"{name}_ms"] = time_ms(fn, iters, device)
     out["inp_map_mib"] = batch * heads * n * m * 4 / 2**20
     out["self_map_mib"] = batch * heads * n * n * 4 / 2**20
     return out
@@ -111,9 +112,9 @@ def bench(name: str, size: int, batch: int, iters: int, device: str) -> dict:
         opt.step()
 
     model.eval()
-    inf = _time(infer, iters, device)
-    enc = _time(encoder_only, iters, device)
-    tr = _time(step, iters, device)
+    inf = time_ms(infer, iters, device)
+    enc = time_ms(encoder_only, iters, device)
+    tr = time_ms(step, iters, device)
     grid = size // 14
     mem = attention_memory(model.encoder.embed_dim, model.encoder.num_heads, grid * grid, 6, batch, device, iters)
     return {"config": f"{name.split('_')[2]}@{size}", "batch": batch, "infer_ms_per_img": inf / batch,
@@ -138,7 +139,7 @@ def variants(name: str, size: int, batch: int, iters: int, device: str) -> list[
                 out = model(x)
                 return reconstruction_map(out.encoder_groups, out.decoder_groups, (size, size)).float()
 
-        ms = _time(infer, iters, device) / batch
+        ms = time_ms(infer, iters, device) / batch
         amap = infer()
         ref = amap if ref is None else ref
         diff = float((amap - ref).abs().max() / ref.abs().max())

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import tiny_model
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset
+from test_training import _Toy
 
 from components.checkpoint import latest_checkpoint
 from components.distributed import DistContext, init_from_env
@@ -24,18 +24,11 @@ pytestmark = pytest.mark.slow  # spawns processes
 KILL_AT = 4  # rank 1 dies after this global iteration
 
 
-class _Parts(Dataset):
-    """Deterministic images; pseudo anomalies on two of every three (so ranks hold different counts)."""
+class _Parts(_Toy):
+    """24 deterministic images; pseudo anomalies on two of every three (so ranks hold different counts)."""
 
-    def __init__(self, n: int = 24, size: int = 56) -> None:
-        self.images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.images)
+    def __init__(self) -> None:
+        super().__init__(n=24)
 
     def __getitem__(self, i: int) -> dict:
         img, mask = self.images[i], torch.zeros(1, 56, 56)
