@@ -137,7 +137,9 @@ def test_mlflow_models_serve_takes_images(pyfunc_dir, tmp_path) -> None:
     def watch() -> None:
         for line in proc.stdout:
             log.append(line)
-            if "Uvicorn running" in line or "Listening at" in line or "Application startup complete" in line:
+            # printed once the socket listens (uvicorn; gunicorn on older MLflow): connections queue
+            # from then on. "Application startup complete" can come before the bind: not a signal.
+            if "Uvicorn running on" in line or "Listening at" in line:
                 ready.set()
         ready.set()  # the server exited: stop waiting
 
