@@ -73,6 +73,7 @@ def calibrate(
     maps: np.ndarray | None = None,
     masks: np.ndarray | None = None,
     fpr: float = 0.01,
+    f1: tuple[float, float] | None = None,
 ) -> CategoryThresholds:
     """Thresholds of one category from its calibration images.
 
@@ -80,18 +81,22 @@ def calibrate(
         scores: N image scores. labels: N labels (0 normal, 1 anomalous).
         maps: N×R×R anomaly maps (None: no pixel threshold). masks: N×R×R ground truth or None.
         fpr: target false-positive rate of the quantile rule (used without anomalous images).
+        f1: the F1-optimal (image, pixel) thresholds of these very images when already computed
+            (the evaluation's metrics): not computed a second time.
     """
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(int)
     normal = scores[labels == 0]
     if {0, 1} <= set(labels.tolist()):
-        image, rule = _midway(scores, image_metrics(scores, labels)["image_threshold"]), "f1"
+        best = f1[0] if f1 is not None else image_metrics(scores, labels)["image_threshold"]
+        image, rule = _midway(scores, best), "f1"
     else:
         image, rule = _quantile(normal, fpr), f"fpr={fpr:g}"
     pixel, pmin, pmax = math.nan, math.nan, math.nan
     if maps is not None and maps.size:
         pmin, pmax = float(np.min(maps)), float(np.max(maps))
         if masks is not None and masks.any():
-            pixel = _midway(np.asarray(maps).ravel(), pixel_metrics(maps, masks)["pixel_threshold"])
+            best = f1[1] if f1 is not None else pixel_metrics(maps, masks)["pixel_threshold"]
+            pixel = _midway(np.asarray(maps).ravel(), best)
         else:
             pixel = _quantile(np.asarray(maps)[labels == 0].ravel(), fpr)
     lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (math.nan, math.nan)

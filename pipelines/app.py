@@ -64,7 +64,7 @@ def offered_models(p: Params, given: list[str]) -> list[str]:
 
 
 def _registry_refs(p: Params) -> list[str]:
-    from pipelines.tracking_guard import sqlite_path
+    from pipelines.tracking_guard import sqlite_path, tracking_uri
 
     db = sqlite_path(p)
     if not p.tracking.enabled or db is None or not db.is_file():
@@ -72,7 +72,7 @@ def _registry_refs(p: Params) -> list[str]:
     try:
         from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=f"sqlite:///{db.resolve()}")
+        client = MlflowClient(tracking_uri=tracking_uri(p))
         name = p.tracking.registered_model
         model = client.get_registered_model(name)
         versions = client.search_model_versions(f"name='{name}'", max_results=REGISTRY_VERSIONS)

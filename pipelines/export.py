@@ -28,7 +28,7 @@ from pipelines.config import Params
 from pipelines.paths import EVAL_RUN_FILE, confined
 from pipelines.predict import default_model, load_package
 from pipelines.records import evaluation_records, load_records
-from pipelines.tracking_guard import tracking_failed
+from pipelines.tracking_guard import tracking_failed, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +119,7 @@ def _log(p: Params, target: Path, report: Path, ref: str) -> str:
     try:
         import mlflow
 
-        from pipelines.tracking_guard import sqlite_path
-
-        db = sqlite_path(p)
-        mlflow.set_tracking_uri(f"sqlite:///{db.resolve()}" if db is not None else p.tracking.uri)
+        mlflow.set_tracking_uri(tracking_uri(p))
         client = mlflow.MlflowClient()
         client.log_artifact(run_id, str(target), artifact_path=f"export-{group}")
         client.log_artifact(run_id, str(report), artifact_path=f"export-{group}")

@@ -41,7 +41,7 @@ from pipelines.builders import build_scoring, resolve_device
 from pipelines.config import Params
 from pipelines.paths import EVAL_DIR, MODELS_DIR
 from pipelines.registry import MODEL_PACKAGE_FILE
-from pipelines.tracking_guard import sqlite_path
+from pipelines.tracking_guard import tracking_uri
 
 __all__ = [
     "ModelPackage",
@@ -86,8 +86,7 @@ def _from_registry(p: Params, uri: str, dst: Path) -> tuple[Path, str]:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
 
-    db = sqlite_path(p)  # the workspace's store, as every stage resolves it
-    mlflow.set_tracking_uri(f"sqlite:///{db.resolve()}" if db is not None else p.tracking.uri)
+    mlflow.set_tracking_uri(tracking_uri(p))  # the workspace's store, as every stage resolves it
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst)))
     folders = [f.parent for f in local.rglob(MODEL_PACKAGE_FILE)]
     if len(folders) != 1:

@@ -43,6 +43,7 @@ from pipelines.tracking_guard import (
     owner_tags,
     sqlite_path,
     tracking_failed,
+    tracking_uri,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,13 +108,11 @@ def _mlflow(p: Params):
     import mlflow  # heavy; see the module docstring
 
     root = Path(os.environ.get(TRACKING_ROOT_ENV, "."))
-    uri = p.tracking.uri
     db = sqlite_path(p)  # an absolute path stays absolute
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         check_sqlite(db, p.tracking.timeout_s)
-        uri = f"sqlite:///{db.resolve()}"
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(tracking_uri(p))
     if mlflow.get_experiment_by_name(p.tracking.experiment) is None:
         location = (root / p.tracking.artifact_location).resolve()
         location.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ __all__ = [
     "reset_unavailable",
     "sqlite_path",
     "tracking_failed",
+    "tracking_uri",
 ]
 
 HOST_TAG = "inpformer.host"  # the machine and process that hold a run open
@@ -65,6 +66,13 @@ def sqlite_path(p: Params) -> Path | None:
     if not p.tracking.uri.startswith(SQLITE_PREFIX):
         return None
     return Path(os.environ.get(TRACKING_ROOT_ENV, ".")) / p.tracking.uri[len(SQLITE_PREFIX) :]
+
+
+def tracking_uri(p: Params) -> str:
+    """``tracking.uri`` with a SQLite path made absolute (MLflow caches stores by URI string: a
+    relative one would keep pointing at the folder it was first used from)."""
+    db = sqlite_path(p)
+    return f"{SQLITE_PREFIX}{db.resolve()}" if db is not None else p.tracking.uri
 
 
 def _store(p: Params) -> str:

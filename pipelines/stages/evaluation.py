@@ -44,6 +44,7 @@ class Evaluation:
     groups: dict[str, list[str]] = field(default_factory=dict)  # group → its categories
     scoring: dict[str, ScoringConfig] = field(default_factory=dict)  # group → how its maps were made
     pretrained: dict[str, bool] = field(default_factory=dict)  # group → encoder pretrained
+    f1: dict[str, tuple[float, float]] = field(default_factory=dict)  # category → F1 (image, pixel) thresholds
 
     def mean(self) -> dict[str, float]:
         """Mean over categories of each metric (NaN-skipping; NaN without categories)."""
@@ -73,7 +74,7 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
             calib, scored = calibration_split(p, [r for r in test if r.category == cat])
             ds = ImageDataset(scored, tf)
             res = _evaluate_category(p, model, ev.scoring[group], ev, ds, device, staging / "plots", progress)
-            ev.thresholds[cat] = _thresholds(p, model, ev.scoring[group], calib, res, device, progress)
+            ev.thresholds[cat] = _thresholds(p, model, ev.scoring[group], calib, res, device, progress, ev.f1[cat])
     metrics = {"mean": ev.mean(), "categories": ev.per_category}
     _write_reports(staging, ev)
     _replace(staging / "curves", CURVES_DIR)
@@ -115,16 +116,18 @@ def _thresholds(
     res: InferenceResult,
     device: str,
     progress: bool,
+    f1: tuple[float, float],
 ) -> dict[str, Any]:
-    """One category's thresholds from ``calib`` (held out), else from the scored images' ``res``."""
-    where = "test"
+    """One category's thresholds from ``calib`` (held out), else from the scored images' ``res``
+    (whose F1-optimal thresholds ``f1`` the metrics already found)."""
+    where, known = "test", f1
     if calib:
-        e, where = p.eval, "validation"
+        e, where, known = p.eval, "validation", None
         res = predict(model, ImageDataset(calib, build_transform(p)), scoring, e.batch_size, device, 0, progress)
     elif calib is not None:
         logger.warning("%s: too few test images to hold out; calibrating on the scored ones.", res.categories[:1])
     masks = res.masks if res.masks is not None and res.masks.any() else None
-    found = calibrate(res.scores, res.labels, res.maps, masks, p.eval.threshold.fpr).to_dict()
+    found = calibrate(res.scores, res.labels, res.maps, masks, p.eval.threshold.fpr, known).to_dict()
     return {**found, "rule": f"{found['rule']}@{where}"}
 
 
@@ -182,6 +185,7 @@ def _evaluate_category(
     maps, masks = (res.maps, res.masks) if has_masks else (None, None)
     m = evaluate_arrays(res.scores, res.labels, maps, masks, e.metrics_mode, e.fpr_limit)
     ev.per_category[cat] = {k: m[k] for k in METRIC_KEYS}
+    ev.f1[cat] = (m["image_threshold"], m["pixel_threshold"])
     safe = cat.replace("/", "_")
     for kind, columns in curve_tables(res.scores, res.labels, maps, masks, e.fpr_limit, e.curve_points).items():
         (plots_dir.parent / "curves" / kind).mkdir(parents=True, exist_ok=True)
