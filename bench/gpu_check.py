@@ -29,14 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_speed import time_ms
 
-from components.anomaly_map import reconstruction_map
-from components.distributed import init_from_env
-from components.losses import DiceLoss, NormalPatternLoss
-from components.model import InpFormer
-from components.optim import StableAdamW
+from components.engine.distributed import init_from_env
+from components.engine.losses import DiceLoss, NormalPatternLoss
+from components.engine.optim import StableAdamW
+from components.model import InpFormer, InpFormerConfig
+from components.scoring.anomaly_map import reconstruction_map
 
 FULL = {"encoder_name": "dinov2reg_vit_base_14", "image_size": 392, "batch": 16}
-DRY = {"encoder_name": "dinov2reg_vit_small_14", "image_size": 56, "batch": 2, "encoder_overrides": {"embed_dim": 32, "num_heads": 2}}  # fmt: skip
+DRY = {"encoder_name": "dinov2reg_vit_small_14", "image_size": 56, "batch": 2,
+       "encoder_overrides": {"embed_dim": 32, "num_heads": 2}}  # fmt: skip
 VARIANTS = (("fp32", False, "explicit", False), ("bf16", True, "explicit", False),
             ("bf16+sdpa", True, "sdpa", False), ("bf16+sdpa+compile", True, "sdpa", True))  # fmt: skip
 
@@ -44,7 +45,7 @@ VARIANTS = (("fp32", False, "explicit", False), ("bf16", True, "explicit", False
 def _model(spec: dict, attention: str, device: str) -> InpFormer:
     torch.manual_seed(0)
     kw = {k: v for k, v in spec.items() if k != "batch"}
-    return InpFormer(num_prototypes=6, seg_head_channels=64, attention=attention, **kw).to(device)
+    return InpFormer(InpFormerConfig(num_prototypes=6, seg_head_channels=64, attention=attention, **kw)).to(device)
 
 
 def _variant(spec: dict, device: str, bf16: bool, attention: str, compiled: bool, iters: int) -> dict:

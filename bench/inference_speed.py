@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.export import ScoringModule, export_model, load_exported
-from components.inference import ScoringConfig
-from components.model import InpFormer
+from components.model import InpFormer, InpFormerConfig
+from components.scoring.export import ScoringModule, export_model, load_exported
+from components.scoring.inference import ScoringConfig
 
 CONFIGS = (("demo: ViT-S@112", 112), ("ViT-S@224", 224))
 
@@ -46,7 +46,7 @@ def _openvino(onnx_file: Path):
 
 def _bench(name: str, crop: int, scoring: ScoringConfig, batch_size: int, iters: int) -> None:
     torch.manual_seed(0)
-    model = InpFormer(encoder_name="dinov2reg_vit_small_14", image_size=crop, num_prototypes=6).eval()
+    model = InpFormer(InpFormerConfig(encoder_name="dinov2reg_vit_small_14", image_size=crop, num_prototypes=6)).eval()
     x = torch.randn(batch_size, 3, crop, crop)
     module = ScoringModule(model, scoring).eval()
     with torch.no_grad():

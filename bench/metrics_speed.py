@@ -50,7 +50,7 @@ def make_data(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
 
 
 def _ours(n: int, size: int, q: mp.Queue) -> None:
-    from components.metrics import evaluate_arrays
+    from components.evaluation.metrics import evaluate_arrays
 
     maps, masks, scores, labels = make_data(n, size)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -103,7 +103,8 @@ def main() -> None:
     print(f"{'scikit-learn: pixel AUROC + AP only':<44} {t_sk:>8.2f} {mem_sk:>15.2f}")
     print(f"ratio (ours / sklearn): time {t_ours / t_sk:.2f}x, memory {mem_ours / max(mem_sk, 1e-9):.2f}x")
     print(
-        f"agreement: P-AUROC Δ={abs(m['pixel_auroc'] - sk['pixel_auroc']):.2e}, P-AP Δ={abs(m['pixel_ap'] - sk['pixel_ap']):.2e}"
+        f"agreement: P-AUROC Δ={abs(m['pixel_auroc'] - sk['pixel_auroc']):.2e}, "
+        f"P-AP Δ={abs(m['pixel_ap'] - sk['pixel_ap']):.2e}"
     )
     print("ours: " + ", ".join(f"{k}={m[k]:.4f}" for k in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc",
                                                             "pixel_ap", "pixel_f1_max", "pixel_aupro")))  # fmt: skip

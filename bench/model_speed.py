@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.anomaly_map import reconstruction_map
-from components.losses import DiceLoss, NormalPatternLoss
-from components.model import InpFormer
+from components.engine.losses import DiceLoss, NormalPatternLoss
+from components.engine.optim import StableAdamW, clip_grad_norm
+from components.model import InpFormer, InpFormerConfig
 from components.model.layers import PrototypeBlock
-from components.optim import StableAdamW, clip_grad_norm
+from components.scoring.anomaly_map import reconstruction_map
 
 
 def _sync(device: str) -> None:
@@ -84,7 +84,7 @@ def attention_memory(dim: int, heads: int, n: int, m: int, batch: int, device: s
 
 def bench(name: str, size: int, batch: int, iters: int, device: str) -> dict:
     torch.manual_seed(0)
-    model = InpFormer(name, image_size=size, seg_head="onenip").to(device)
+    model = InpFormer(InpFormerConfig(name, image_size=size, seg_head="onenip")).to(device)
     x = torch.randn(batch, 3, size, size, device=device)
     mask = (torch.rand(batch, 1, size, size, device=device) > 0.9).float()
     npm, dice = NormalPatternLoss(coherence="soft"), DiceLoss()
@@ -130,7 +130,9 @@ def variants(name: str, size: int, batch: int, iters: int, device: str) -> list[
         if bf16 and not bf16_ok:
             continue
         torch.manual_seed(0)
-        model = InpFormer(name, image_size=size, seg_head="onenip", attention=attention).to(device).eval()
+        model = (
+            InpFormer(InpFormerConfig(name, image_size=size, seg_head="onenip", attention=attention)).to(device).eval()
+        )
         cast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
 
         @torch.no_grad()
@@ -160,8 +162,10 @@ def main() -> None:
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} batch={batch}")
     rows = [bench("dinov2reg_vit_small_14", 224, batch, args.iters, device),
             bench("dinov2reg_vit_base_14", 392, batch, args.iters, device)]  # fmt: skip
-    head = (f"{'config':<10} {'infer ms/img':>12} {'train step ms':>13} {'encoder ms':>10} {'enc/infer':>9} "
-            f"{'INP-attn ms':>11} {'self-attn ms':>12} {'INP map MiB':>11} {'self map MiB':>12} {'ratio':>7}")  # fmt: skip
+    head = (
+        f"{'config':<10} {'infer ms/img':>12} {'train step ms':>13} {'encoder ms':>10} {'enc/infer':>9} "
+        f"{'INP-attn ms':>11} {'self-attn ms':>12} {'INP map MiB':>11} {'self map MiB':>12} {'ratio':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -170,7 +174,8 @@ def main() -> None:
               f"{r['self_map_mib']:>12.3f} {r['self_map_mib'] / r['inp_map_mib']:>6.0f}x")  # fmt: skip
         if "inp_peak_mib" in r:
             print(
-                f"{'':<10} measured peak MiB: INP-guided block {r['inp_peak_mib']:.1f}, self-attention block {r['self_peak_mib']:.1f}"
+                f"{'':<10} measured peak MiB: INP-guided block {r['inp_peak_mib']:.1f}, "
+                f"self-attention block {r['self_peak_mib']:.1f}"
             )
     print("ratio = self-attention map / INP-guided attention map (N/M); M = 6 INPs.")
     print(f"\nattention and precision, ViT-S@224 batch {batch}: inference ms/img, ratio to explicit fp32, max map diff")

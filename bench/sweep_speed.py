@@ -38,7 +38,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     from pipelines import stages
     from pipelines.config import load_params
-    from pipelines.sweep import run_sweep
+    from pipelines.sweep.study import run_sweep
 
     work = Path(tempfile.mkdtemp(prefix="inpformer-sweep-bench-"))
     cwd = os.getcwd()
@@ -65,7 +65,8 @@ def main() -> None:
             rows.append((label, n, workers, wall, d))
         print(f"\nepochs per trial: {args.epochs}; cores: {os.cpu_count()}")
         print(
-            f"{'run':<24} {'trials':>6} {'wall s':>8} {'s/trial (mean)':>15} {'s/trial (after 1st)':>20} {'trials/hour':>12}"
+            f"{'run':<24} {'trials':>6} {'wall s':>8} {'s/trial (mean)':>15} "
+            f"{'s/trial (after 1st)':>20} {'trials/hour':>12}"
         )
         print("-" * 90)
         for label, n, _w, wall, d in rows:

@@ -38,7 +38,8 @@ def main(base: str, out: str) -> None:
     exp = client.get_experiment_by_name("inpformer")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'pipeline'")
     ids = json.dumps([r.info.run_id for r in runs])
-    url = f"{base}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments={urllib.parse.quote(json.dumps([exp.experiment_id]))}"
+    experiments = urllib.parse.quote(json.dumps([exp.experiment_id]))
+    url = f"{base}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments={experiments}"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1250})

@@ -13,10 +13,10 @@ import torch
 
 from components.data.synthesis import PseudoAnomalySynthesizer, TextureBank
 from components.data.transforms import ImageTransform
-from components.inference import ScoringConfig
-from components.losses import DiceLoss, NormalPatternLoss
+from components.engine.losses import DiceLoss, NormalPatternLoss
+from components.engine.train_config import TrainConfig
 from components.model import EncoderWeightsError, InpFormer, InpFormerConfig, load_pretrained
-from components.training import TrainConfig
+from components.scoring.inference import ScoringConfig
 from pipelines.config import Params
 
 logger = logging.getLogger(__name__)
@@ -34,45 +34,29 @@ __all__ = [
     "resolve_device",
 ]
 
+MODEL_RENAMES = {"encoder": "encoder_name"}  # model params key → InpFormerConfig field
 # The params keys behind load_pretrained's arguments (named in its errors by the pipeline).
 WEIGHT_KEYS = ("model.pretrained", "model.weights", "model.weights_dir", "model.download")
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` → ``cuda`` when available, else ``cpu``."""
+def resolve_device(name: str, key: str = "train.device") -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu`` (``key`` names the param in errors)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        msg = f"train.device={name} but no CUDA device is available; use auto or cpu."
+        msg = f"{key}={name} but no CUDA device is available; use auto or cpu."
         raise ValueError(msg)
     return name
 
 
 def model_config(p: Params) -> InpFormerConfig:
-    """The architecture described by ``p.model`` at ``p.data.crop_size``."""
-    m = p.model
-    return InpFormerConfig(
-        encoder_name=m.encoder,
-        image_size=p.data.crop_size,
-        num_prototypes=m.num_prototypes,
-        taps=m.taps,
-        encoder_groups=m.encoder_groups,
-        decoder_groups=m.decoder_groups,
-        decoder_depth=m.decoder_depth,
-        extractor_depth=m.extractor_depth,
-        mlp_ratio=m.mlp_ratio,
-        norm_eps=m.norm_eps,
-        bottleneck_dropout=m.bottleneck_dropout,
-        init_std=m.init_std,
-        init_bound=m.init_bound,
-        pos_embed_interp=m.pos_embed_interp,
-        encoder_fused_attn=m.encoder_fused_attn,
-        attention=m.attention,
-        encoder_dtype=m.encoder_dtype,
-        encoder_overrides=dict(m.encoder_overrides),
-        seg_head=None if m.seg_head == "none" else m.seg_head,
-        seg_head_channels=m.seg_head_channels,
-    )
+    """The architecture described by ``p.model`` at ``p.data.crop_size``: every ``model`` key that
+    :class:`InpFormerConfig` has (by name; ``encoder`` is ``encoder_name``), the crop as input size."""
+    known = {f.name for f in fields(InpFormerConfig)}
+    values = {MODEL_RENAMES.get(k, k): v for k, v in p.model.model_dump().items()}
+    shared = {k: v for k, v in values.items() if k in known}
+    shared.update(image_size=p.data.crop_size, seg_head=None if p.model.seg_head == "none" else p.model.seg_head)
+    return InpFormerConfig(**shared)
 
 
 def build_model(p: Params) -> InpFormer:
@@ -81,7 +65,7 @@ def build_model(p: Params) -> InpFormer:
     Raises:
         EncoderWeightsError: ``model.pretrained: true`` and no weights; the message names the keys.
     """
-    model = InpFormer.from_config(model_config(p))
+    model = InpFormer(model_config(p))
     m = p.model
     try:
         loaded = load_pretrained(model.encoder, m.pretrained, m.weights or None, m.weights_dir, m.download)
@@ -159,8 +143,10 @@ def build_scoring(p: Params, has_head: bool) -> ScoringConfig:
     """Scoring settings; ``eval.map: auto`` → zero-shot: INP distance, with a head: fused, else reconstruction."""
     e = p.eval
     kind = e.map
-    if kind == "auto":
-        kind = "inp_distance" if p.setting.kind == "zero_shot" else ("fused" if has_head else "reconstruction")
+    if kind == "auto" and p.setting.kind == "zero_shot":
+        kind = "inp_distance"
+    elif kind == "auto":
+        kind = "fused" if has_head else "reconstruction"
     return ScoringConfig(
         map_kind=kind,
         resize=e.resize,

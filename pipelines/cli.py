@@ -15,13 +15,11 @@ import warnings
 from collections.abc import Sequence
 
 from components.constants import DATASET_KINDS
-from components.data.download import DownloadError
-from components.export import ExportParityError, RuntimeMissingError
-from components.model.weights import EncoderWeightsError
+from components.errors import DownloadError, EncoderWeightsError, ExportParityError, RuntimeMissingError
 from pipelines import stages
 from pipelines.config import ConfigError, Params, load_params
 from pipelines.errors import CommandFailed
-from pipelines.tracking import hermetic_env
+from pipelines.tracking.runs import hermetic_env
 
 __all__ = ["build_parser", "main"]
 
@@ -38,7 +36,10 @@ USER_ERRORS = (
     ExportParityError,
     RuntimeMissingError,
 )
-MODEL_HELP = "a model folder, registry URI (models:/inpformer@champion) or exported .onnx/.pt (default: the workspace's only model)"
+MODEL_HELP = (
+    "a model folder, registry URI (models:/inpformer@champion) or exported .onnx/.pt "
+    "(default: the workspace's only model)"
+)
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
 
 
@@ -200,7 +201,7 @@ def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
     elif args.command == "evaluate":
         stages.evaluate(params, progress=progress)
     elif args.command == "sweep":
-        from pipelines.sweep import apply_best, run_sweep  # optuna: imported only by the commands that need it
+        from pipelines.sweep.study import apply_best, run_sweep  # optuna: imported only by the commands that need it
 
         if args.apply:
             return apply_best(params, args.params, args.exp_name)
@@ -208,7 +209,7 @@ def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
             params.sweep.prefect_pool = args.prefect_pool
         run_sweep(params, args.params, args.overrides, args.n_trials, args.timeout, args.workers, progress)
     elif args.command == "predict":
-        from pipelines.predict import predict_images  # not needed by the other commands
+        from pipelines.serve.predict import predict_images  # not needed by the other commands
 
         options = {
             "model": args.model,
@@ -219,31 +220,31 @@ def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
         }
         predict_images(params, args.sources, args.out, options, progress)
     elif args.command == "export":
-        from pipelines.export import export  # onnx: imported only by the commands that need it
+        from pipelines.serve.export import export  # onnx: imported only by the commands that need it
 
         sets = {"format": args.format, "opset": args.opset, "dynamic_batch": args.dynamic_batch}
         params.export = params.export.model_copy(update={k: v for k, v in sets.items() if v is not None})
         export(params, args.model, args.out, progress)
     elif args.command == "app":
-        from pipelines.app import run_app  # fastapi/uvicorn: imported only here
+        from pipelines.serve.app import run_app  # fastapi/uvicorn: imported only here
 
         run_app(params, args.model or [], args.host, args.port)
     elif args.command == "serve-scoring":
-        from pipelines.scoring_flow import run_once, serve_scoring  # prefect: imported only here
+        from pipelines.serve.scoring import run_once, serve_scoring  # prefect: imported only here
 
         if args.once:
-            summary = run_once(args.watch, args.model, args.out, args.overrides)
+            summary = run_once(args.watch, args.model, args.out, args.overrides, args.params)
             print(f"scored {summary['scored']} new image(s), {summary['flagged']} flagged ({summary['version']})")
         else:
-            serve_scoring(args.watch, args.cron, args.model, args.out, args.name, args.overrides)
+            serve_scoring(args.watch, args.cron, args.model, args.out, args.name, args.overrides, args.params)
     elif args.command == "pipeline":
         from pipelines.flows import pipeline  # prefect: imported only by the commands that need it
 
-        pipeline(overrides=args.overrides)
+        pipeline(overrides=args.overrides, params_path=args.params)
     elif args.command == "serve":
         from pipelines.flows import serve  # prefect: imported only by the commands that need it
 
-        serve(args.cron, args.name)
+        serve(args.cron, args.name, args.params)
     return 0
 
 

@@ -33,15 +33,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed
 
-from components.metrics import METRIC_KEYS
+from components.evaluation.metrics import METRIC_KEYS
 from pipelines.config import load_params
+from pipelines.config.overrides import flatten
 from pipelines.errors import CommandFailed
-from pipelines.paths import METRICS_FILE, PIPELINE_RUN_FILE, SWEEP_DIR
-from pipelines.sweep import PARENT_ENV, WORKER_ENV, open_study, worker_shares, write_results
-from pipelines.sweep_objective import cached_validation_split
-from pipelines.tracking import TRACKING_ROOT_ENV, tracked_run
+from pipelines.paths import METRICS_FILE, PIPELINE_RUN_FILE
+from pipelines.tracking.guard import TRACKING_ROOT_ENV
 
-__all__ = ["NO_CHANGE", "STAGES", "changed_stages", "pipeline", "serve", "sweep_flow"]
+__all__ = ["NO_CHANGE", "STAGES", "changed_stages", "file_overrides", "pipeline", "serve", "sweep_flow"]
 
 STAGES = ("prepare", "synthesize", "train", "evaluate")
 IO_STAGES = ("prepare", "synthesize")  # retried: downloads and file systems fail transiently
@@ -163,8 +162,29 @@ def _workspace_metrics(root: Path) -> tuple[dict[str, Any], str]:
     return metrics, run_id
 
 
+def file_overrides(root: Path, params_path: str) -> list[str]:
+    """``KEY=VALUE`` overrides that turn the workspace's params.yaml into ``params_path`` (none when
+    they are the same file): DVC stages read params.yaml, so another file runs as an experiment."""
+    path = (root / params_path).resolve()
+    base_path = (root / "params.yaml").resolve()
+    if path == base_path:
+        return []
+    ours = flatten(load_params(path).model_dump(mode="json"))
+    base = flatten(load_params(base_path).model_dump(mode="json"))
+    dropped = sorted(set(base) - set(ours))
+    if dropped:
+        msg = f"{path}: keys {dropped} of params.yaml have no value there (a DVC experiment cannot unset them)."
+        raise CommandFailed(msg)
+    return [f"{k}={json.dumps(v)}" for k, v in ours.items() if base.get(k) != v]
+
+
 @flow(name="inpformer-pipeline", log_prints=True)
-def pipeline(overrides: list[str] | None = None, experiment_name: str | None = None, root: str = ".") -> Any:
+def pipeline(
+    overrides: list[str] | None = None,
+    experiment_name: str | None = None,
+    root: str = ".",
+    params_path: str = "params.yaml",
+) -> Any:
     """Rerun what changed (or nothing), or run ``overrides`` as a DVC experiment; publish the metrics.
 
     Args:
@@ -173,8 +193,11 @@ def pipeline(overrides: list[str] | None = None, experiment_name: str | None = N
             is left as it is.
         experiment_name: name of the DVC experiment (with overrides).
         root: the project workspace.
+        params_path: a params file other than the workspace's params.yaml runs as an experiment of
+            its differences (plus ``overrides``).
     """
     root = str(Path(root).resolve())
+    overrides = [*file_overrides(Path(root), params_path), *(overrides or [])]
     if overrides:
         name = experiment_name or "prefect-" + "-".join(o.replace("=", "_").replace(".", "_") for o in overrides)[:60]
         metrics = run_experiment(list(overrides), name, root)
@@ -191,44 +214,29 @@ def pipeline(overrides: list[str] | None = None, experiment_name: str | None = N
     return publish_metrics(metrics, f"Pipeline rerun ({', '.join(changed)} changed)", run_id)
 
 
-def serve(cron: str = "0 2 * * *", name: str = "nightly") -> None:
+def serve(cron: str = "0 2 * * *", name: str = "nightly", params_path: str = "params.yaml") -> None:
     """Serve the pipeline with a cron schedule (visible in the Prefect UI; reruns with parameters)."""
-    pipeline.serve(name=name, cron=cron, parameters={"overrides": [], "root": os.getcwd()}, limit=1)
-
-
-@task(name="sweep-worker")
-def sweep_worker(n_trials: int, worker: int, parent_run_id: str, overrides: list[str], root: str) -> int:
-    """One Optuna worker process on the shared study (its trials, its share of the CPUs)."""
-    env = dict(os.environ, **{PARENT_ENV: parent_run_id, WORKER_ENV: str(worker)})
-    cmd = [sys.executable, "-m", "pipelines.cli", "sweep", "--no-progress", "--n-trials", str(n_trials)]
-    for o in overrides:
-        cmd += ["--set", o]
-    return subprocess.run(cmd, cwd=root, env=env, check=False).returncode
+    parameters = {"overrides": [], "root": os.getcwd(), "params_path": str(Path(params_path).resolve())}
+    pipeline.serve(name=name, cron=cron, parameters=parameters, limit=1)
 
 
 @flow(name="inpformer-sweep", log_prints=True)
-def sweep_flow(n_trials: int = 8, workers: int = 2, overrides: list[str] | None = None, root: str = ".") -> dict:
-    """N parallel workers on one Optuna study (shared storage), then the best params and plots."""
-    root = str(Path(root).resolve())
+def sweep_flow(
+    n_trials: int = 8,
+    workers: int = 2,
+    overrides: list[str] | None = None,
+    root: str = ".",
+    params_path: str = "params.yaml",
+) -> dict[str, Any]:
+    """N parallel workers on one Optuna study (shared storage), then the best params and plots:
+    :func:`pipelines.sweep.study.run_sweep`, with its input checks and lost-trial recovery."""
+    from pipelines.sweep.study import run_sweep  # optuna: only for sweeps
+
     overrides = list(overrides or [])
     cwd = os.getcwd()
-    os.chdir(root)
+    os.chdir(Path(root).resolve())
     try:
-        p = load_params("params.yaml", overrides)
-        SWEEP_DIR.mkdir(parents=True, exist_ok=True)
-        (SWEEP_DIR / "validation.json").unlink(missing_ok=True)
-        open_study(p)
-        cached_validation_split(p)
-        with tracked_run(
-            p, "sweep", f"sweep-{p.sweep.study}", {"study": p.sweep.study, "orchestrator": "prefect"}
-        ) as ml:
-            active = getattr(ml, "active_run", lambda: None)()
-            parent = active.info.run_id if active is not None else ""
-            shares = worker_shares(n_trials, workers)
-            futures = [sweep_worker.submit(s, i, parent, overrides, root) for i, s in enumerate(shares) if s]
-            codes = [f.result() for f in futures]
-            summary = write_results(p, "params.yaml", overrides)
-        summary["worker_exit_codes"] = codes
-        return summary
+        p = load_params(params_path, overrides)
+        return run_sweep(p, params_path, overrides, n_trials, workers=workers)
     finally:
         os.chdir(cwd)

@@ -24,6 +24,7 @@ __all__ = [
     "TRAIN_HISTORY_FILE",
     "TRAIN_METRICS_FILE",
     "TRAIN_SUMMARY_FILE",
+    "calibrated_package_dir",
     "confined",
     "in_workspace",
     "manifest_path",
@@ -100,6 +101,11 @@ def synth_dir(name: str) -> Path:
 def synth_index(name: str) -> Path:
     """The bank's ``index.csv``."""
     return synth_dir(name) / "index.csv"
+
+
+def calibrated_package_dir(group: str) -> Path:
+    """Where the evaluate stage writes the calibrated package of a group's model."""
+    return EVAL_DIR / "packages" / group
 
 
 def in_workspace(path: str | os.PathLike) -> bool:

@@ -36,7 +36,7 @@ TINY_PIPELINE = [
 
 def tiny_model(**kw):
     """A DINOv2-shaped InpFormer with a 32-wide encoder (fast on CPU)."""
-    from components.model import InpFormer
+    from components.model import InpFormer, InpFormerConfig
 
     args = dict(
         encoder_name="dinov2reg_vit_small_14",
@@ -47,25 +47,36 @@ def tiny_model(**kw):
         seg_head_channels=8,
     )
     args.update(kw)
-    return InpFormer(**args)
+    return InpFormer(InpFormerConfig(**args))
+
+
+def bare_package(model, resize: int | None = None, categories: tuple[str, ...] = ()):
+    """The package of ``model`` alone (resize side: its crop unless given)."""
+    from components.scoring.package import ModelPackage
+
+    return ModelPackage(model.config, resize or model.config.image_size, categories)
 
 
 def model_workspace(root: Path, categories: list[str], thresholds: dict | None = None) -> Path:
     """``root`` as a workspace (params.yaml) holding a tiny model folder ``artifacts/models/all`` of
-    ``categories`` (images resized to 64, cropped to 56) and, when given, ``artifacts/eval/thresholds.json``."""
-    import json
+    ``categories`` (images resized to 64, cropped to 56) and, when given, the package the evaluate
+    stage would calibrate (``artifacts/eval/packages/all``: params.yaml's scoring, these thresholds)."""
     import shutil
 
-    from components.checkpoint import save_model
+    from components.engine.checkpoint import save_model
+    from components.scoring.decision import CategoryThresholds
+    from components.scoring.package import ModelPackage, read_package, write_package
+    from pipelines.builders import build_scoring
+    from pipelines.config import load_params
 
     shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", root / "params.yaml")
     torch.manual_seed(0)
     model = tiny_model(image_size=56)
-    config = {"model": model.config.to_dict(), "image_size": 64, "crop_size": 56, "categories": categories}
-    save_model(root / "artifacts" / "models" / "all", model, config)
+    folder = save_model(root / "artifacts" / "models" / "all", model, ModelPackage(model.config, 64, tuple(categories)))
     if thresholds is not None:
-        (root / "artifacts" / "eval").mkdir(parents=True, exist_ok=True)
-        (root / "artifacts" / "eval" / "thresholds.json").write_text(json.dumps(thresholds))
+        scoring = build_scoring(load_params(root / "params.yaml"), has_head=True)
+        rules = {c: CategoryThresholds.from_dict(t) for c, t in thresholds.items()}
+        write_package(root / "artifacts" / "eval" / "packages" / "all", read_package(folder).calibrate(scoring, rules))
     return root
 
 
@@ -79,6 +90,6 @@ def tiny():
 def _tracking_store_fresh():
     """A tracking store that failed in one test is tried again in the next."""
     yield
-    from pipelines.tracking_guard import reset_unavailable
+    from pipelines.tracking.guard import reset_unavailable
 
     reset_unavailable()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from components.anomaly_map import (
+from components.scoring.anomaly_map import (
     fused_map,
     gaussian_blur,
     gaussian_kernel,

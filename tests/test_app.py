@@ -45,7 +45,7 @@ def app_workspace(tmp_path, monkeypatch):
 def served_app(app_workspace):
     import uvicorn
 
-    from pipelines.app import create_app, listening_socket, offered_models
+    from pipelines.serve.app import create_app, listening_socket, offered_models
 
     p = load_params("params.yaml", ["train.device=cpu", "tracking.enabled=false"])
     models = offered_models(p, [])

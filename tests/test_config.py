@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from components.training import TrainConfig
+from components.engine.training import TrainConfig
 from pipelines.builders import build_train_config
 from pipelines.config import ConfigError, Params, flatten, load_params
 

@@ -164,7 +164,8 @@ def test_visa_conversion_from_fake_csv(tmp_path) -> None:
     raw = tmp_path / "raw"
     rows = [("candle", "train", "normal", "candle/Data/Images/Normal/0000.JPG", ""),
             ("candle", "test", "normal", "candle/Data/Images/Normal/0001.JPG", ""),
-            ("candle", "test", "anomaly", "candle/Data/Images/Anomaly/0002.JPG", "candle/Data/Masks/Anomaly/0002.png")]  # fmt: skip
+            ("candle", "test", "anomaly", "candle/Data/Images/Anomaly/0002.JPG",
+             "candle/Data/Masks/Anomaly/0002.png")]  # fmt: skip
     for *_, img, mask in rows:
         _img(raw / img)
         if mask:

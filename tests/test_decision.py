@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import precision_recall_curve
 
 from components.data.datasets import Record
-from components.decision import CategoryThresholds, DecisionRule, calibrate, normalize
+from components.scoring.decision import CategoryThresholds, DecisionRule, calibrate, normalize
 
 
 def test_f1_rule_matches_scikit_learn() -> None:

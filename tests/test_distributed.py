@@ -15,10 +15,10 @@ from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 from test_training import _Toy
 
-from components.checkpoint import latest_checkpoint
-from components.distributed import DistContext, init_from_env
-from components.losses import DiceLoss, NormalPatternLoss
-from components.training import CheckpointSpec, TrainConfig, seed_everything, train
+from components.engine.checkpoint import latest_checkpoint
+from components.engine.distributed import DistContext, init_from_env
+from components.engine.losses import DiceLoss, NormalPatternLoss
+from components.engine.training import CheckpointSpec, TrainConfig, seed_everything, train
 
 pytestmark = pytest.mark.slow  # spawns processes
 KILL_AT = 4  # rank 1 dies after this global iteration
@@ -55,7 +55,7 @@ def _train(out: Path, epochs: int, ctx: DistContext | None, kill: bool = False) 
         if kill and ctx is not None and ctx.rank == 1 and m["iteration"] == KILL_AT:
             os._exit(1)  # a crashed rank: no clean-up of any kind
 
-    ckpt = CheckpointSpec(out / "ckpt", {"model": {}}, resume=True)
+    ckpt = CheckpointSpec(out / "ckpt", None, resume=True)
     train(model, _Parts(), _cfg(epochs, ctx), NormalPatternLoss(), DiceLoss(), ckpt, on_iteration=on_iteration)
     if ctx is None or ctx.main:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "weights.safetensors"))
@@ -73,7 +73,7 @@ def _worker(rank: int, world: int, port: int, out: str, epochs: int, kill: bool)
 
 
 def _disagreeing(rank: int, world: int, port: int) -> None:
-    from components.distributed import check_same_config
+    from components.engine.distributed import check_same_config
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     ctx = init_from_env("cpu")

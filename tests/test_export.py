@@ -12,8 +12,8 @@ import torch
 from conftest import model_workspace, tiny_model
 from PIL import Image
 
-from components.export import ExportParityError, export_model, load_exported, parity
-from components.inference import ScoringConfig, score_batch
+from components.scoring.export import ExportParityError, export_model, load_exported, parity
+from components.scoring.inference import ScoringConfig, score_batch
 from pipelines.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,15 +83,14 @@ def export_workspace(tmp_path, monkeypatch):
         writer.writeheader()
         writer.writerows(rows)
     # thresholds in the middle of each category's scores, so decisions split
-    from pipelines.predict import predict_images
+    from pipelines.serve.predict import predict_images
 
     p = load_params("params.yaml", ["train.device=cpu"])
     scores = {r["path"]: r["score"] for r in predict_images(p, ["new"], "probe", {})["rows"]}
     for cat in ("a", "b"):
         mid = float(np.median([s for k, s in scores.items() if f"/{cat}/" in k]))
         thresholds[cat] = {"image_threshold": mid, "pixel_threshold": 0.5, "rule": "f1"}
-    (tmp_path / "artifacts" / "eval").mkdir(parents=True)
-    (tmp_path / "artifacts" / "eval" / "thresholds.json").write_text(json.dumps(thresholds))
+    model_workspace(tmp_path, ["a", "b"], thresholds)  # the same (seeded) model, now calibrated
     return tmp_path
 
 
@@ -117,7 +116,7 @@ def test_export_cli_then_predict_with_the_artifact(export_workspace) -> None:
 
 
 def test_failed_parity_keeps_nothing(export_workspace, monkeypatch) -> None:
-    import pipelines.export as exp
+    import pipelines.serve.export as exp
 
     monkeypatch.setattr(exp, "parity", lambda *a, **k: {"map_rel": 0.5, "score_rel": 0.0, "images": 8})
     p = load_params("params.yaml", ["tracking.enabled=false"])

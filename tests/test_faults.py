@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_PIPELINE, tiny_model
+from conftest import TINY_PIPELINE, bare_package, tiny_model
 from PIL import Image
 
 from pipelines.config import ConfigError, load_params
@@ -81,7 +81,7 @@ def test_links_out_of_the_workspace_are_never_deleted_through(workspace, tmp_pat
 
 
 def test_nan_metric_never_becomes_champion() -> None:
-    from pipelines.registry import should_promote
+    from pipelines.tracking.registry import should_promote
 
     scope = {"dataset": "d", "setting": "multi_class", "group": "all"}
     assert not should_promote(None, scope, float("nan"))
@@ -123,8 +123,8 @@ class _Toy(torch.utils.data.Dataset):
 
 
 def _train(folder: Path, stop_after: int | None = None) -> torch.nn.Module:
-    from components.losses import DiceLoss, NormalPatternLoss
-    from components.training import CheckpointSpec, TrainConfig, seed_everything, train
+    from components.engine.losses import DiceLoss, NormalPatternLoss
+    from components.engine.training import CheckpointSpec, TrainConfig, seed_everything, train
 
     seed_everything(1)
     model = tiny_model(seg_head=None)
@@ -141,7 +141,7 @@ def _train(folder: Path, stop_after: int | None = None) -> torch.nn.Module:
             cfg,
             NormalPatternLoss(),
             DiceLoss(),
-            CheckpointSpec(folder, {"model": {}}),
+            CheckpointSpec(folder, None),
             on_iteration=on_it,
         )
     except KeyboardInterrupt:
@@ -149,7 +149,7 @@ def _train(folder: Path, stop_after: int | None = None) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("victim", ["model.safetensors", "train_state.safetensors", "train_state.json", "config.json"])
+@pytest.mark.parametrize("victim", ["model.safetensors", "train_state.safetensors", "train_state.json", "package.json"])
 def test_damaged_latest_checkpoint_falls_back_and_ends_identical(tmp_path, victim, caplog) -> None:
     reference = _train(tmp_path / "ref")
     _train(tmp_path / "run", stop_after=4)
@@ -164,10 +164,10 @@ def test_damaged_latest_checkpoint_falls_back_and_ends_identical(tmp_path, victi
 
 
 def test_damaged_model_folder_names_the_file(tmp_path) -> None:
-    from components.checkpoint import load_model, save_model
+    from components.engine.checkpoint import load_model, save_model
 
     model = tiny_model(seg_head=None)
-    save_model(tmp_path / "m", model, {"model": model.config.to_dict()})
+    save_model(tmp_path / "m", model, bare_package(model))
     weights = tmp_path / "m" / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[-10:] = b"\0" * 10  # same size, different bytes
@@ -181,8 +181,8 @@ def test_damaged_model_folder_names_the_file(tmp_path) -> None:
 
 @pytest.mark.parametrize("damage", ["truncate", "zero", "random"])
 def test_damaged_feature_cache_is_rebuilt_identically(tmp_path, damage, caplog) -> None:
-    from components import feature_cache
-    from components.feature_cache import FeatureCache
+    from components.engine import feature_cache
+    from components.engine.feature_cache import FeatureCache
 
     images = _toy_data(6)
     paths = []
@@ -247,12 +247,37 @@ def test_killed_sweep_worker_trials_are_failed_and_rerun(workspace, monkeypatch,
         _killed_worker_run(monkeypatch, heartbeat, storage)
 
 
+KILLER = """
+import os
+if os.environ.get({env!r}) == {worker!r}:  # this worker process dies (SIGKILL) in its first trial
+    import signal
+
+    import pipelines.sweep.objective as objective
+
+    def build_objective(*args, **kwargs):
+        def killed(trial):
+            os.kill(os.getpid(), signal.SIGKILL)  # a stand-in for kill -9 / OOM mid-trial
+
+        return killed
+
+    objective.build_objective = build_objective
+"""
+
+
+def _kill_worker_in_first_trial(monkeypatch, worker: str, env: str) -> None:
+    """Worker ``worker``'s process kills itself in its first trial (a ``sitecustomize`` on its path)."""
+    hook = Path.cwd() / "kill-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(KILLER.format(env=env, worker=worker))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH", "")])))
+
+
 def _killed_worker_run(monkeypatch, heartbeat: str, storage: list[str]) -> None:
     import mlflow
     import optuna
 
     from pipelines import stages
-    from pipelines.sweep import KILL_ENV, run_sweep
+    from pipelines.sweep.study import WORKER_ENV, run_sweep
 
     over = [*TINY, "train.epochs=1", "sweep.pruner=none", *storage]
     if heartbeat == "short":
@@ -260,7 +285,7 @@ def _killed_worker_run(monkeypatch, heartbeat: str, storage: list[str]) -> None:
     p = load_params("params.yaml", over)
     stages.prepare(p)
     stages.synthesize(p, progress=False)
-    monkeypatch.setenv(KILL_ENV, "1")  # worker 1 dies (SIGKILL) in its first trial
+    _kill_worker_in_first_trial(monkeypatch, worker="1", env=WORKER_ENV)
     summary = run_sweep(p, "params.yaml", over, n_trials=4, workers=2)
     study = optuna.load_study(study_name=p.sweep.study, storage=p.sweep.storage)
     states = [t.state.name for t in study.trials]
@@ -286,8 +311,8 @@ def test_run_left_running_by_a_killed_process_is_closed(workspace) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.tracking import tracked_run
-    from pipelines.tracking_guard import HOST_TAG, PID_TAG
+    from pipelines.tracking.guard import HOST_TAG, PID_TAG
+    from pipelines.tracking.runs import tracked_run
 
     p = load_params("params.yaml")
     with tracked_run(p, "train", "first"):
@@ -363,7 +388,7 @@ def test_broken_tracking_store_does_not_stop_training(workspace, caplog, fault) 
     assert summary["groups"]["all"]["iterations"] == 4
     assert (workspace / "artifacts" / "models" / "all" / "model.safetensors").is_file()
     assert sum("MLflow tracking failed" in r.getMessage() for r in caplog.records) == 1
-    from pipelines.tracking_guard import TrackingUnavailable, reset_unavailable
+    from pipelines.tracking.guard import TrackingUnavailable, reset_unavailable
 
     reset_unavailable()
     with pytest.raises(TrackingUnavailable):  # tracking.required makes it fatal
@@ -404,7 +429,7 @@ def test_bomb_image_is_a_named_error_and_honours_skip_bad(tmp_path, monkeypatch)
 def test_links_and_empty_masks_are_reported(tmp_path) -> None:
     from components.data.readers import flat_records
     from components.data.scan import ScanReport, validate_records
-    from pipelines.reporting import count_table
+    from pipelines.stages.reporting import count_table
 
     root = tmp_path / "ds"
     _flat_dataset(root)
@@ -492,13 +517,14 @@ def test_empty_params_file_is_an_error(tmp_path) -> None:
 
 
 def test_written_files_get_normal_permissions(tmp_path) -> None:
-    from components.checkpoint import save_model
+    from components.engine.checkpoint import save_model
     from components.files import atomic_write_text
 
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "a.json", "{}")
-        save_model(tmp_path / "m", tiny_model(seg_head=None), {"model": {}})
+        model = tiny_model(seg_head=None)
+        save_model(tmp_path / "m", model, bare_package(model))
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644

@@ -13,9 +13,9 @@ from components.data.readers import mvtec_records
 from components.data.synthesis import PseudoAnomalySynthesizer, TextureBank
 from components.data.synthetic import generate_synthetic
 from components.data.transforms import ImageTransform
-from components.feature_cache import CachedFeatureDataset, CacheSettings, FeatureCache, cached_dataset
-from components.losses import DiceLoss, NormalPatternLoss
-from components.training import TrainConfig, seed_everything, train
+from components.engine.feature_cache import CachedFeatureDataset, CacheSettings, FeatureCache, cached_dataset
+from components.engine.losses import DiceLoss, NormalPatternLoss
+from components.engine.training import TrainConfig, seed_everything, train
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def _train(ds, epochs=2):
     seed_everything(1)
     model = tiny_model(image_size=56)
     cfg = TrainConfig(epochs=epochs, batch_size=4, warmup_iters=1, progress=False)
-    return model, train(model, ds, cfg, NormalPatternLoss(coherence="soft"), DiceLoss())["history"]
+    return model, train(model, ds, cfg, NormalPatternLoss(coherence="soft"), DiceLoss()).history
 
 
 def test_cached_training_gives_the_same_losses(small_data, tmp_path) -> None:

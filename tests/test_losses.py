@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from components.losses import (
+from components.engine.losses import (
     DiceLoss,
     HardCoherenceLoss,
     NormalPatternLoss,

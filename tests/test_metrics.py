@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from components.metrics import MetricWarning, binned_pixel_metrics, evaluate_arrays, pixel_metrics
+from components.evaluation.metrics import MetricWarning, binned_pixel_metrics, evaluate_arrays, pixel_metrics
 
 
 def slow_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:

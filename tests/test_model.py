@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, tiny_model
 from reference_inpformer import ref_encoder_taps, ref_global_cosine_hm_adaptive, ref_inpformer
 
-from components.losses import NormalPatternLoss
+from components.engine.losses import NormalPatternLoss
 from components.model import (
     EncoderWeightsError,
     FrozenDinoEncoder,
@@ -35,7 +35,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 )
 def test_token_grid_and_shapes(name: str, taps: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    model = InpFormer(name, image_size=392, num_prototypes=6, encoder_overrides=TINY, seg_head=None)
+    model = InpFormer(InpFormerConfig(name, image_size=392, num_prototypes=6, encoder_overrides=TINY, seg_head=None))
     assert model.encoder.taps == taps
     x = torch.randn(2, 3, 392, 392)
     tokens, grid = model.encoder.prepare_tokens(x)
@@ -78,7 +78,7 @@ def test_segmentation_loss_reaches_only_the_head(tiny: InpFormer) -> None:
 
 
 def test_vit_b_parameter_counts() -> None:
-    model = InpFormer("dinov2reg_vit_base_14", image_size=392, seg_head="onenip")
+    model = InpFormer(InpFormerConfig("dinov2reg_vit_base_14", image_size=392, seg_head="onenip"))
     trunk = sum(p.numel() for p in model.trunk_parameters())
     head = sum(p.numel() for p in model.head_parameters())
     assert abs(trunk - 68.52e6) < 0.005e6  # spec §17: ≈ 68.52 M
@@ -222,7 +222,7 @@ def test_config_roundtrip_builds_the_same_network(tiny: InpFormer) -> None:
     cfg = tiny.config
     again = InpFormerConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
-    rebuilt = InpFormer.from_config(again)
+    rebuilt = InpFormer(again)
     assert rebuilt.state_dict().keys() == tiny.state_dict().keys()
     assert all(a.shape == b.shape for a, b in zip(rebuilt.state_dict().values(), tiny.state_dict().values()))
     legacy = {**cfg.to_dict(), "pretrained": "auto", "weights": None, "download": True}  # older model folders

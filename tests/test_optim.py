@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from components.optim import StableAdamW, WarmCosineSchedule, clip_grad_norm
+from components.engine.optim import StableAdamW, WarmCosineSchedule, clip_grad_norm
 
 
 def _hand_steps(p0, grads, lr, betas=(0.9, 0.999), eps=1e-10, wd=1e-4, clip=1.0):

@@ -12,7 +12,7 @@ import pytest
 from conftest import model_workspace
 from PIL import Image
 
-from components.overlay import crop_box, map_to_original, mask_outline
+from components.scoring.overlay import crop_box, map_to_original, mask_outline
 from pipelines.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def scored_workspace(tmp_path, monkeypatch):
 
 
 def test_predict_writes_rows_and_overlays_per_category(scored_workspace) -> None:
-    from pipelines.predict import predict_images
+    from pipelines.serve.predict import predict_images
 
     p = load_params("params.yaml", ["train.device=cpu"])
     summary = predict_images(p, ["new"], "out", {"save_maps": "npy"})
@@ -77,7 +77,7 @@ def test_predict_writes_rows_and_overlays_per_category(scored_workspace) -> None
 
 
 def test_predict_unknown_category_is_an_error_before_writing(scored_workspace) -> None:
-    from pipelines.predict import predict_images
+    from pipelines.serve.predict import predict_images
 
     other = scored_workspace / "new" / "c"
     shutil.copytree(scored_workspace / "new" / "a", other)

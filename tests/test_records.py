@@ -12,11 +12,11 @@ from components.data import batch as keys
 from components.data.datasets import ImageDataset, Record, write_manifest
 from components.data.fewshot import NUM_AUGMENTATIONS, FewShotDataset
 from components.data.semi import SemiSupervisedDataset
-from components.feature_cache import CachedFeatureDataset
+from components.engine.feature_cache import CachedFeatureDataset
 from pipelines.config import load_params
-from pipelines.records import evaluation_records, load_records, pseudo_anomaly_bank, training_groups
 from pipelines.stages import prepare, synthesize
-from pipelines.training_data import training_dataset
+from pipelines.stages.records import evaluation_records, load_records, pseudo_anomaly_bank, training_groups
+from pipelines.stages.training_data import training_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

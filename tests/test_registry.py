@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 from pathlib import Path
 
 import pytest
 
-from pipelines import tracking
+from components.model import InpFormerConfig
+from components.scoring.decision import CategoryThresholds
+from components.scoring.inference import ScoringConfig
+from components.scoring.package import ModelPackage, read_package, write_package
 from pipelines.config import load_params
-from pipelines.registry import MODEL_PACKAGE_FILE, champion_alias, log_and_register_model, should_promote
-from pipelines.tracking import tracked_run
+from pipelines.tracking import runs as tracking
+from pipelines.tracking.registry import champion_alias, log_and_register_model, should_promote
+from pipelines.tracking.runs import tracked_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCOPE = {"dataset": "synthetic", "setting": "multi_class", "group": "all"}
@@ -44,14 +48,18 @@ def registry(tmp_path, monkeypatch):
     model_dir = tmp_path / "models" / "all"
     model_dir.mkdir(parents=True)
     (model_dir / "model.safetensors").write_bytes(b"weights")
-    (model_dir / "config.json").write_text("{}")
+    write_package(model_dir, PACKAGE)
     return model_dir
+
+
+PACKAGE = ModelPackage(InpFormerConfig(), resize=448, categories=("brick",))
 
 
 def _register(model_dir: Path, mad: float, *overrides: str) -> dict:
     p = load_params(ROOT / "params.yaml", list(overrides))
+    calibrated = PACKAGE.calibrate(ScoringConfig(map_kind="fused"), {"brick": CategoryThresholds(0.5, 0.4, "f1")})
     with tracked_run(p, "evaluate", "evaluate") as mlflow:
-        return log_and_register_model(mlflow, p, model_dir, {"scoring": {"map_kind": "fused"}}, mad, "all")
+        return log_and_register_model(mlflow, p, model_dir, calibrated, mad, "all")
 
 
 def _aliases() -> dict[str, str]:
@@ -80,7 +88,7 @@ def test_registry_journey(registry) -> None:
         scoped: "5",
         "champion-other-multi_class": "4",
     }
-    assert not (registry / MODEL_PACKAGE_FILE).exists()  # the workspace's model folder is left alone
+    assert read_package(registry) == PACKAGE  # the workspace's model folder is left alone
 
 
 def test_registered_model_has_no_host_paths_and_pinned_requirements(registry, tmp_path) -> None:
@@ -95,7 +103,11 @@ def test_registered_model_has_no_host_paths_and_pinned_requirements(registry, tm
     requirements = (local / "requirements.txt").read_text().split()
     for pkg in ("torch", "timm", "safetensors", "numpy", "pillow"):
         assert any(r.startswith(f"{pkg}==") for r in requirements), (pkg, requirements)
-    assert json.loads((local / "artifacts" / "all" / MODEL_PACKAGE_FILE).read_text())["scoring"]
+    registered = read_package(local / "artifacts" / "all")
+    assert registered.scoring == ScoringConfig(map_kind="fused")
+    assert registered.thresholds["brick"].image_threshold == 0.5
+    assert registered.provenance.weights_sha256 == hashlib.sha256(b"weights").hexdigest()  # bound to the bytes
+    assert registered.provenance.libraries["torch"] and registered.provenance.git_commit  # "unknown" outside git
 
 
 def test_tracking_disabled_registers_nothing(registry) -> None:

@@ -27,7 +27,7 @@ def test_scoring_flow_scores_each_new_image_once(tmp_path, monkeypatch) -> None:
     from prefect.testing.utilities import prefect_test_harness
     from test_flows import _artifact
 
-    from pipelines.scoring_flow import FLAGGED_KEY, LEDGER_FILE, scoring_flow
+    from pipelines.serve.scoring import FLAGGED_KEY, LEDGER_FILE, scoring_flow
 
     monkeypatch.chdir(tmp_path)
     model_workspace(tmp_path, ["a"], {"a": {"image_threshold": -1e9, "pixel_threshold": 0.5}})  # all flagged

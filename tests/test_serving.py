@@ -17,10 +17,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import bare_package, tiny_model
 from PIL import Image
 
-from components.checkpoint import save_model
+from components.engine.checkpoint import save_model
+from components.scoring.decision import CategoryThresholds
+from components.scoring.inference import ScoringConfig
+from components.scoring.package import read_package
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_DEADLINE_S = 180  # mlflow models serve: import + model load on a slow CI machine
@@ -37,24 +40,18 @@ def pyfunc_dir(tmp_path_factory) -> Path:
     """A pyfunc model folder, saved as the registry saves it, of a tiny model of categories a and b."""
     import mlflow
 
-    from pipelines.registry import _save_pyfunc
+    from pipelines.tracking.registry import _save_pyfunc
 
     tmp = tmp_path_factory.mktemp("pyfunc")
     torch.manual_seed(0)
     model = tiny_model(image_size=56)
-    config = {"model": model.config.to_dict(), "image_size": 64, "crop_size": 56, "categories": ["a", "b"]}
-    save_model(tmp / "models" / "all", model, config)
-    package = {
-        "scoring": {"map_kind": "fused", "resize": 64},
-        "image_size": 64,
-        "crop_size": 56,
-        "thresholds": {
-            "a": {"image_threshold": -1e9, "pixel_threshold": 0.5, "rule": "f1"},
-            "b": {"image_threshold": 1e9, "pixel_threshold": 0.5, "rule": "f1"},
-        },
-        "normalize": False,
+    folder = save_model(tmp / "models" / "all", model, bare_package(model, 64, ("a", "b")))
+    thresholds = {
+        "a": CategoryThresholds(image_threshold=-1e9, pixel_threshold=0.5, rule="f1"),
+        "b": CategoryThresholds(image_threshold=1e9, pixel_threshold=0.5, rule="f1"),
     }
-    _save_pyfunc(mlflow, tmp / "models" / "all", package, tmp / "pyfunc")
+    package = read_package(folder).calibrate(ScoringConfig(map_kind="fused", resize=64), thresholds)
+    _save_pyfunc(mlflow, folder, package, tmp / "pyfunc", 64)
     return tmp / "pyfunc"
 
 

@@ -34,7 +34,7 @@ def project(tmp_path, monkeypatch):
 
 
 def test_pruned_trial_stops_early(project) -> None:
-    from pipelines.sweep import run_sweep
+    from pipelines.sweep.study import run_sweep
 
     over = [*TINY, "train.epochs=4", "sweep.n_trials=1"]
     p = load_params("params.yaml", over)
@@ -47,7 +47,7 @@ def test_pruned_trial_stops_early(project) -> None:
 
 
 def test_two_workers_share_one_study_exactly(project) -> None:
-    from pipelines.sweep import run_sweep
+    from pipelines.sweep.study import run_sweep
 
     over = [*TINY, "train.epochs=1", "sweep.pruner=none"]
     p = load_params("params.yaml", over)
@@ -69,7 +69,7 @@ def test_two_workers_share_one_study_exactly(project) -> None:
 def test_progress_line_per_trial_and_dashboard_reads_the_study(project, capsys) -> None:
     from optuna_dashboard import wsgi
 
-    from pipelines.sweep import run_sweep
+    from pipelines.sweep.study import run_sweep
 
     over = [*TINY, "train.epochs=1", "sweep.pruner=none"]
     p = load_params("params.yaml", over)
@@ -87,8 +87,8 @@ def test_progress_line_per_trial_and_dashboard_reads_the_study(project, capsys) 
 
 
 def test_validation_split_is_not_the_test_set(project) -> None:
-    from pipelines.records import load_records
-    from pipelines.sweep_objective import cached_validation_split
+    from pipelines.stages.records import load_records
+    from pipelines.sweep.objective import cached_validation_split
 
     p = load_params("params.yaml", TINY)
     train_recs, val = cached_validation_split(p)
@@ -104,7 +104,7 @@ def test_two_workers_on_a_real_postgresql_server(project) -> None:
     from optuna_dashboard import wsgi
     from postgres_server import postgres_server
 
-    from pipelines.sweep import WORKER_ATTR, run_sweep
+    from pipelines.sweep.study import WORKER_ATTR, run_sweep
 
     with postgres_server() as url:
         over = [*TINY, "train.epochs=1", "sweep.pruner=none", f"sweep.storage={url}"]

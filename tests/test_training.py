@@ -8,14 +8,15 @@ import zipfile
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import bare_package, tiny_model
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from components.checkpoint import latest_checkpoint, load_model, save_model
-from components.inference import ScoringConfig, predict
-from components.losses import DiceLoss, NormalPatternLoss
-from components.training import CheckpointSpec, TrainConfig, phase_optimizer, seed_everything, train
+from components.engine.checkpoint import latest_checkpoint, load_model, save_model
+from components.engine.losses import DiceLoss, NormalPatternLoss
+from components.engine.training import CheckpointSpec, TrainConfig, phase_optimizer, seed_everything, train
+from components.files import file_digest
+from components.scoring.inference import ScoringConfig, predict
 
 
 class _Toy(Dataset):
@@ -63,7 +64,7 @@ def _run(tmp_path, cfg, stop_after=None, resume=True):
             raise KeyboardInterrupt("simulated kill")
 
     try:
-        ckpt = CheckpointSpec(tmp_path / "ckpt", {"model": {}}, resume)
+        ckpt = CheckpointSpec(tmp_path / "ckpt", None, resume)
         train(model, _Toy(), cfg, NormalPatternLoss(), DiceLoss(), ckpt, on_iteration=on_it)
     except KeyboardInterrupt:
         pass
@@ -88,7 +89,7 @@ def test_checkpoints_are_safetensors_and_json(tmp_path) -> None:
     _run(tmp_path, _cfg(epochs=1))
     ck = latest_checkpoint(tmp_path / "ckpt")
     files = sorted(p.name for p in ck.iterdir())
-    assert files == ["config.json", "digest.json", "model.safetensors", "train_state.json", "train_state.safetensors"]
+    assert files == ["digest.json", "model.safetensors", "package.json", "train_state.json", "train_state.safetensors"]
     state = json.loads((ck / "train_state.json").read_text())
     assert state["progress"]["epoch"] == 1 and state["progress"]["global_iteration"] == 2
     for f in ck.glob("*.safetensors"):  # safetensors: u64 header length, JSON header, raw tensors
@@ -125,9 +126,9 @@ def test_two_stage_trains_head_after_trunk(tmp_path) -> None:
 
     cfg = _cfg(epochs=1, head_epochs=1, residual_mode="two_stage", checkpoint_every=0)
     out = train(model, _Toy(), cfg, NormalPatternLoss(), DiceLoss(), on_iteration=on_it)
-    phases = [h["phase"] for h in out["history"]]
+    phases = [h["phase"] for h in out.history]
     assert phases == ["main", "head"]
-    assert "seg" not in out["history"][0] and "seg" in out["history"][1]
+    assert "seg" not in out.history[0] and "seg" in out.history[1]
     assert torch.equal(snapshots["trunk"], model.decoder[0].mlp.fc1.weight)  # trunk frozen in stage 2
     assert not torch.equal(before["seg_head.predictor.weight"], model.seg_head.predictor.weight)
 
@@ -140,8 +141,10 @@ def test_too_few_images_for_a_batch(tmp_path) -> None:
 def test_save_load_model_roundtrip_and_predict(tmp_path) -> None:
     seed_everything(0)
     model = tiny_model()
-    save_model(tmp_path / "m", model, {"model": model.config.to_dict(), "encoder_pretrained": False})
-    loaded, _cfg_dict = load_model(tmp_path / "m")
+    save_model(tmp_path / "m", model, bare_package(model, 64, ("brick",)))
+    loaded, package = load_model(tmp_path / "m")
+    assert package.model == model.config and package.categories == ("brick",) and not package.encoder_pretrained
+    assert package.provenance.weights_sha256 == file_digest(tmp_path / "m" / "model.safetensors")
     x = _Toy(4)
     for kind in ("reconstruction", "fused", "inp_distance"):
         scoring = ScoringConfig(map_kind=kind, resize=64)
@@ -149,7 +152,7 @@ def test_save_load_model_roundtrip_and_predict(tmp_path) -> None:
         b = predict(loaded, x, scoring, batch_size=2, progress=False)
         assert a.maps.shape == (4, 64, 64) and a.scores.shape == (4,)
         assert torch.allclose(torch.from_numpy(a.maps), torch.from_numpy(b.maps), atol=1e-6)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="package.json"):
         load_model(tmp_path / "missing")
 
 
@@ -157,7 +160,7 @@ def test_residual_learning_needs_a_head() -> None:
     with pytest.raises(ValueError, match="segmentation head"):
         train(tiny_model(seg_head=None), _Toy(), _cfg(epochs=1), NormalPatternLoss())
     out = train(tiny_model(seg_head=None), _Toy(), _cfg(epochs=1, residual_mode="off"), NormalPatternLoss())
-    assert "seg" not in out["history"][0]
+    assert "seg" not in out.history[0]
 
 
 @pytest.mark.parametrize("scale", [0.25, 3.0])
@@ -193,7 +196,7 @@ def test_bf16_autocast_trains_close_to_fp32() -> None:
         cfg = _cfg(epochs=1, amp=amp, checkpoint_every=0)
         out = train(model, _Toy(), cfg, NormalPatternLoss(), DiceLoss(), on_iteration=_collect(losses))
         results[amp] = losses
-        assert all(torch.isfinite(torch.tensor(losses))) and out["iterations"] == 2
+        assert all(torch.isfinite(torch.tensor(losses))) and out.iterations == 2
     assert results["bf16"][0] == pytest.approx(results["none"][0], rel=2e-2)
     assert results["bf16"] != results["none"]  # autocast really ran in bf16
 
@@ -224,6 +227,6 @@ def test_persistent_loader_workers_draw_each_epochs_anomalies(tmp_path) -> None:
 def test_epoch_history_holds_mean_losses_and_lr(tmp_path) -> None:
     seed_everything(1)
     out = train(tiny_model(), _Toy(), _cfg(epochs=2, checkpoint_every=0), NormalPatternLoss(), DiceLoss())
-    first = out["history"][0]
+    first = out.history[0]
     assert {"total", "cos", "coherence", "seg", "lr", "epoch", "phase"} <= set(first)
     assert 0 < first["lr"] <= 1e-3 and isinstance(first["total"], float)

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
+from components.errors import DownloadError
 from components.data.readers import convert_visa
 
 __all__ = [
@@ -69,10 +70,6 @@ class ExtractLimits:
                 "if the archive is genuine, raise the limit (data.extract.* in params)."
             )
             raise DownloadError(msg)
-
-
-class DownloadError(RuntimeError):
-    """A download or extraction failed; the message says what to do instead."""
 
 
 DATASET_SOURCES: dict[str, dict[str, Any]] = {

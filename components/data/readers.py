@@ -214,7 +214,7 @@ def realiad_records(
             for entry in meta.get(split, []):
                 normal = str(entry.get("anomaly_class", "OK")).upper() == "OK"
                 img = root / cat / entry["image_path"]
-                mask = "" if normal else str(root / cat / entry["mask_path"]) if entry.get("mask_path") else ""
+                mask = str(root / cat / entry["mask_path"]) if not normal and entry.get("mask_path") else ""
                 if not normal and not mask:
                     report.problems.append(f"{img}: anomalous entry without mask_path in {jpath}")
                 defect = "good" if normal else str(entry.get("anomaly_class"))

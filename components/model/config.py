@@ -1,7 +1,7 @@
 """The architecture of an :class:`~components.model.InpFormer` as one JSON-able value.
 
-``InpFormer.config`` reports it, ``InpFormer.from_config`` rebuilds the same network, and model
-folders store it (``config.json``: ``{"model": InpFormerConfig.to_dict(), ...}``). Encoder
+``InpFormer(config)`` builds the network, ``InpFormer.config`` reports it, and model packages
+store it (``package.json``: ``{"model": InpFormerConfig.to_dict(), ...}``). Encoder
 weights are not part of it: loading them is a separate step (:mod:`components.model.weights`).
 """
 
@@ -22,7 +22,33 @@ def _groups(value: Any) -> tuple[tuple[int, ...], ...]:
 
 @dataclass(frozen=True)
 class InpFormerConfig:
-    """Constructor arguments of :class:`~components.model.InpFormer` (see its docstring)."""
+    """The architecture of an :class:`~components.model.InpFormer` (its one constructor argument).
+
+    Args:
+        encoder_name: DINOv2-reg4 encoder (``dinov2reg_vit_{small,base,large}_14`` or timm name).
+        image_size: input side (int) or (height, width); a multiple of the patch size 14.
+        num_prototypes: M, the number of INPs (spec §4; paper default 6).
+        taps: encoder blocks to tap (default per variant, spec §3).
+        encoder_groups: groups of tap indices averaged into encoder maps.
+        decoder_groups: groups of (reversed) decoder-output indices averaged into decoder maps.
+        decoder_depth: number of INP-guided decoder blocks (8).
+        extractor_depth: number of INP extractor blocks (1).
+        num_heads: attention heads of the trainable blocks (default: the encoder's).
+        mlp_ratio: MLP hidden ratio (4).
+        qkv_bias: bias of the q/kv projections (True).
+        norm_eps: LayerNorm eps of the trainable blocks (1e-8).
+        bottleneck_dropout: dropout in the bottleneck MLP (0; Dinomaly used 0.2).
+        init_std: std of the truncated-normal Linear init (0.01).
+        init_bound: absolute truncation bound of that init (0.03).
+        pos_embed_interp: ``official`` or ``timm`` position-table resizing.
+        encoder_fused_attn: fused SDPA in the encoder (faster, slightly different rounding).
+        attention: encoder + extractor softmax attention: ``explicit`` (official), ``sdpa`` or ``auto``
+            (SDPA on CUDA); the decoder's attention is a ReLU kernel (§5), always explicit.
+        encoder_dtype: ``fp32`` or ``bf16`` frozen encoder (its features return to fp32).
+        encoder_overrides: extra ``timm.create_model`` kwargs (tiny test encoders).
+        seg_head: ``None`` (conference INP-Former), ``"onenip"`` or ``"plain"`` (INP-Former++).
+        seg_head_channels: hidden width of the head (256).
+    """
 
     encoder_name: str = "dinov2reg_vit_base_14"
     image_size: int | tuple[int, int] = 392

@@ -67,61 +67,18 @@ class InpFormer(nn.Module):
     """INP-Former with the optional INP-Former++ segmentation head.
 
     Args:
-        encoder_name: DINOv2-reg4 encoder (``dinov2reg_vit_{small,base,large}_14`` or timm name).
-        image_size: input side (int) or (height, width); a multiple of the patch size 14.
-        num_prototypes: M, the number of INPs (spec §4; paper default 6).
-        taps: encoder blocks to tap (default per variant, spec §3).
-        encoder_groups: groups of tap indices averaged into encoder maps.
-        decoder_groups: groups of (reversed) decoder-output indices averaged into decoder maps.
-        decoder_depth: number of INP-guided decoder blocks (8).
-        extractor_depth: number of INP extractor blocks (1).
-        num_heads: attention heads of the trainable blocks (default: the encoder's).
-        mlp_ratio: MLP hidden ratio (4).
-        qkv_bias: bias of the q/kv projections (True).
-        norm_eps: LayerNorm eps of the trainable blocks (1e-8).
-        bottleneck_dropout: dropout in the bottleneck MLP (0; Dinomaly used 0.2).
-        init_std: std of the truncated-normal Linear init (0.01).
-        init_bound: absolute truncation bound of that init (0.03).
-        pos_embed_interp: ``official`` or ``timm`` position-table resizing.
-        encoder_fused_attn: fused SDPA in the encoder (faster, slightly different rounding).
-        attention: encoder + extractor softmax attention: ``explicit`` (official), ``sdpa`` or ``auto``
-            (SDPA on CUDA); the decoder's attention is a ReLU kernel (§5), always explicit.
-        encoder_dtype: ``fp32`` or ``bf16`` frozen encoder (its features return to fp32).
-        encoder_overrides: extra ``timm.create_model`` kwargs (tiny test encoders).
-        seg_head: ``None`` (conference INP-Former), ``"onenip"`` or ``"plain"`` (INP-Former++).
-        seg_head_channels: hidden width of the head (256).
+        config: the architecture (:class:`~components.model.config.InpFormerConfig`, whose fields
+            are documented there); default: the paper's ViT-B at 392 px.
 
     The encoder starts with random weights; load DINOv2 with
     :func:`components.model.weights.load_pretrained` (``model.encoder``). :attr:`config` reports the
-    arguments and :meth:`from_config` rebuilds the same network.
+    architecture, and ``InpFormer(net.config)`` rebuilds the same network.
     """
 
-    def __init__(
-        self,
-        encoder_name: str = "dinov2reg_vit_base_14",
-        image_size: int | Sequence[int] = 392,
-        num_prototypes: int = 6,
-        taps: Sequence[int] | None = None,
-        encoder_groups: Sequence[Sequence[int]] = ((0, 1, 2, 3), (4, 5, 6, 7)),
-        decoder_groups: Sequence[Sequence[int]] = ((0, 1, 2, 3), (4, 5, 6, 7)),
-        decoder_depth: int = 8,
-        extractor_depth: int = 1,
-        num_heads: int | None = None,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        norm_eps: float = 1e-8,
-        bottleneck_dropout: float = 0.0,
-        init_std: float = 0.01,
-        init_bound: float = 0.03,
-        pos_embed_interp: str = "official",
-        encoder_fused_attn: bool = False,
-        attention: str = "explicit",
-        encoder_dtype: str = "fp32",
-        encoder_overrides: dict | None = None,
-        seg_head: str | None = "onenip",
-        seg_head_channels: int = 256,
-    ) -> None:
+    def __init__(self, config: InpFormerConfig | None = None) -> None:
         super().__init__()
+        c = config if config is not None else InpFormerConfig()
+        num_prototypes, image_size = c.num_prototypes, c.image_size
         if isinstance(num_prototypes, bool) or int(num_prototypes) != num_prototypes or num_prototypes < 1:
             msg = f"num_prototypes (M) must be an integer >= 1, got {num_prototypes!r}."
             raise ValueError(msg)
@@ -129,48 +86,25 @@ class InpFormer(nn.Module):
         if len(size) != 2 or any(s <= 0 or s % PATCH_SIZE for s in size):
             msg = f"image_size must be a positive multiple of the patch size 14, got {image_size!r}."
             raise ValueError(msg)
-        if decoder_depth < 1 or extractor_depth < 1:
-            msg = f"decoder_depth and extractor_depth must be >= 1, got {decoder_depth}, {extractor_depth}."
+        if c.decoder_depth < 1 or c.extractor_depth < 1:
+            msg = f"decoder_depth and extractor_depth must be >= 1, got {c.decoder_depth}, {c.extractor_depth}."
             raise ValueError(msg)
-        self._config = InpFormerConfig(
-            encoder_name=encoder_name,
-            image_size=image_size,
-            num_prototypes=num_prototypes,
-            taps=taps,
-            encoder_groups=encoder_groups,
-            decoder_groups=decoder_groups,
-            decoder_depth=decoder_depth,
-            extractor_depth=extractor_depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            norm_eps=norm_eps,
-            bottleneck_dropout=bottleneck_dropout,
-            init_std=init_std,
-            init_bound=init_bound,
-            pos_embed_interp=pos_embed_interp,
-            encoder_fused_attn=encoder_fused_attn,
-            attention=attention,
-            encoder_dtype=encoder_dtype,
-            encoder_overrides=encoder_overrides,
-            seg_head=seg_head,
-            seg_head_channels=seg_head_channels,
-        )
+        self._config = c
         self.image_size = size
         self.encoder = FrozenDinoEncoder(
-            encoder_name,
-            taps=tuple(taps) if taps is not None else None,
-            pos_embed_interp=pos_embed_interp,
-            fused_attn=encoder_fused_attn or attention == "sdpa",
-            overrides=encoder_overrides,
+            c.encoder_name,
+            taps=tuple(c.taps) if c.taps is not None else None,
+            pos_embed_interp=c.pos_embed_interp,
+            fused_attn=c.encoder_fused_attn or c.attention == "sdpa",
+            overrides=c.encoder_overrides,
         )
         dim = self.encoder.embed_dim
-        heads = int(num_heads or self.encoder.num_heads)
+        heads = int(c.num_heads or self.encoder.num_heads)
         if dim % heads:
             msg = f"num_heads={heads} does not divide the encoder width {dim}."
             raise ValueError(msg)
-        self.encoder_groups_idx = _check_groups(encoder_groups, len(self.encoder.taps), "encoder")
-        self.decoder_groups_idx = _check_groups(decoder_groups, decoder_depth, "decoder")
+        self.encoder_groups_idx = _check_groups(c.encoder_groups, len(self.encoder.taps), "encoder")
+        self.decoder_groups_idx = _check_groups(c.decoder_groups, c.decoder_depth, "decoder")
         if len(self.encoder_groups_idx) != len(self.decoder_groups_idx):
             msg = "encoder_groups and decoder_groups must have the same number of groups."
             raise ValueError(msg)
@@ -178,32 +112,27 @@ class InpFormer(nn.Module):
         self.grid = (size[0] // PATCH_SIZE, size[1] // PATCH_SIZE)
 
         # Names mirror the official state dict (spec §7) so released checkpoints load directly.
-        self.bottleneck = nn.ModuleList([Mlp(dim, int(dim * mlp_ratio), bottleneck_dropout)])
+        self.bottleneck = nn.ModuleList([Mlp(dim, int(dim * c.mlp_ratio), c.bottleneck_dropout)])
         self.aggregation = nn.ModuleList(
-            [AggregationBlock(dim, heads, mlp_ratio, qkv_bias, norm_eps) for _ in range(extractor_depth)]
+            [AggregationBlock(dim, heads, c.mlp_ratio, c.qkv_bias, c.norm_eps) for _ in range(c.extractor_depth)]
         )
         self.decoder = nn.ModuleList(
-            [PrototypeBlock(dim, heads, mlp_ratio, qkv_bias, norm_eps) for _ in range(decoder_depth)]
+            [PrototypeBlock(dim, heads, c.mlp_ratio, c.qkv_bias, c.norm_eps) for _ in range(c.decoder_depth)]
         )
         self.prototype_token = nn.Parameter(torch.randn(self.num_prototypes, dim))  # N(0, 1), spec §4
-        self._init_trainable(init_std, init_bound)
-        self.seg_head = SegmentationHead(dim, seg_head_channels, seg_head) if seg_head else None
-        check_choice("attention", attention, ATTENTION_MODES)
-        check_choice("encoder_dtype", encoder_dtype, ENCODER_DTYPES)
-        self.attention = attention
-        self.encoder_dtype = torch.bfloat16 if encoder_dtype == "bf16" else torch.float32
+        self._init_trainable(c.init_std, c.init_bound)
+        self.seg_head = SegmentationHead(dim, c.seg_head_channels, c.seg_head) if c.seg_head else None
+        check_choice("attention", c.attention, ATTENTION_MODES)
+        check_choice("encoder_dtype", c.encoder_dtype, ENCODER_DTYPES)
+        self.attention = c.attention
+        self.encoder_dtype = torch.bfloat16 if c.encoder_dtype == "bf16" else torch.float32
         self.encoder.to(self.encoder_dtype)  # frozen: its features return to fp32 in encode()
         for blk in self.aggregation:
-            blk.attn.attention = attention
-
-    @classmethod
-    def from_config(cls, config: InpFormerConfig) -> InpFormer:
-        """Build the network a :class:`InpFormerConfig` describes (random encoder weights)."""
-        return cls(**{f: getattr(config, f) for f in config.__dataclass_fields__})
+            blk.attn.attention = c.attention
 
     @property
     def config(self) -> InpFormerConfig:
-        """The constructor arguments of this model."""
+        """The architecture of this model."""
         return self._config
 
     # -- setup -----------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from components.errors import EncoderWeightsError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -87,10 +89,6 @@ for _variant, _spec in ENCODER_VARIANTS.items():
     _ALIASES[_variant] = _variant
     _ALIASES[_spec.timm_name] = _variant
     _ALIASES[f"dinov2reg_vit_{_variant}_14"] = _variant
-
-
-class EncoderWeightsError(RuntimeError):
-    """Pretrained encoder weights were required but could not be loaded."""
 
 
 def resolve_encoder_name(name: str) -> str:

@@ -7,28 +7,39 @@ import logging
 import math
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from components.checkpoint import load_model
 from components.data.datasets import ImageDataset, Record
-from components.decision import calibrate
+from components.engine.checkpoint import load_model
+from components.evaluation.metrics import METRIC_KEYS, evaluate_arrays
+from components.evaluation.plots import curve_tables, plot_curves, plot_examples, plot_histogram
 from components.files import atomic_write_text
-from components.inference import InferenceResult, ScoringConfig, predict
-from components.metrics import METRIC_KEYS, evaluate_arrays
-from components.plots import curve_tables, plot_curves, plot_examples, plot_histogram
+from components.model import InpFormer
+from components.scoring.decision import CategoryThresholds, calibrate
+from components.scoring.inference import InferenceResult, ScoringConfig, predict
+from components.scoring.package import ModelPackage, write_package
 from pipelines.builders import build_scoring, build_transform, resolve_device
 from pipelines.config import Params
-from pipelines.paths import ARTIFACTS, CURVES_DIR, EVAL_DIR, EVAL_RUN_FILE, METRICS_FILE, MODELS_DIR, remove_tree
-from pipelines.records import evaluation_records, load_records, manifest_hash
-from pipelines.registry import log_and_register_model
-from pipelines.reporting import markdown_table
-from pipelines.tracking import log_pipeline_metrics, safe_metric_name, tracked_run
-from pipelines.tracking_guard import tracking_failed
+from pipelines.paths import (
+    ARTIFACTS,
+    CURVES_DIR,
+    EVAL_DIR,
+    EVAL_RUN_FILE,
+    METRICS_FILE,
+    MODELS_DIR,
+    calibrated_package_dir,
+    remove_tree,
+)
+from pipelines.stages.records import evaluation_records, load_records, manifest_hash
+from pipelines.stages.reporting import markdown_table
+from pipelines.tracking.guard import tracking_failed
+from pipelines.tracking.registry import log_and_register_model
+from pipelines.tracking.runs import active_run_id, log_pipeline_metrics, safe_metric_name, tracked_run
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +55,7 @@ class Evaluation:
     groups: dict[str, list[str]] = field(default_factory=dict)  # group → its categories
     scoring: dict[str, ScoringConfig] = field(default_factory=dict)  # group → how its maps were made
     pretrained: dict[str, bool] = field(default_factory=dict)  # group → encoder pretrained
+    packages: dict[str, ModelPackage] = field(default_factory=dict)  # group → the package of the scored weights
     f1: dict[str, tuple[float, float]] = field(default_factory=dict)  # category → F1 (image, pixel) thresholds
 
     def mean(self) -> dict[str, float]:
@@ -67,9 +79,9 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
     (staging / "curves").mkdir()
     ev = Evaluation(groups={"all": cats} if p.setting.kind != "single_class" else {c: [c] for c in cats})
     for group, group_cats in ev.groups.items():
-        model, mcfg = _model_for(p, group, device)
+        model, ev.packages[group] = _model_for(p, group, device)
         ev.scoring[group] = build_scoring(p, model.seg_head is not None)
-        ev.pretrained[group] = bool(mcfg.get("encoder_pretrained", False))
+        ev.pretrained[group] = ev.packages[group].encoder_pretrained
         for cat in group_cats:
             calib, scored = calibration_split(p, [r for r in test if r.category == cat])
             ds = ImageDataset(scored, tf)
@@ -77,6 +89,8 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
             ev.thresholds[cat] = _thresholds(p, model, ev.scoring[group], calib, res, device, progress, ev.f1[cat])
     metrics = {"mean": ev.mean(), "categories": ev.per_category}
     _write_reports(staging, ev)
+    for group in ev.groups:
+        write_package(staging / calibrated_package_dir(group).relative_to(EVAL_DIR), model_package(p, ev, group))
     _replace(staging / "curves", CURVES_DIR)
     _replace(staging, EVAL_DIR)
     atomic_write_text(METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=True))
@@ -110,7 +124,7 @@ def check_test_split(p: Params, test: list[Record]) -> None:
 
 def _thresholds(
     p: Params,
-    model: Any,
+    model: InpFormer,
     scoring: ScoringConfig,
     calib: list[Record] | None,
     res: InferenceResult,
@@ -156,11 +170,11 @@ def _replace(staged: Path, target: Path) -> None:
     staged.rename(target)
 
 
-def _model_for(p: Params, group: str, device: str):
+def _model_for(p: Params, group: str, device: str) -> tuple[InpFormer, ModelPackage]:
     if p.setting.kind != "zero_shot":
         return load_model(MODELS_DIR / group, device)
     src = Path(p.setting.zero_shot_source) if p.setting.zero_shot_source else None
-    if src is None or not (src / "config.json").is_file():
+    if src is None or not src.is_dir():
         msg = "setting.zero_shot_source must name a trained model folder (artifacts/models/all of the source dataset)."
         raise FileNotFoundError(msg)
     return load_model(src, device)
@@ -168,7 +182,7 @@ def _model_for(p: Params, group: str, device: str):
 
 def _evaluate_category(
     p: Params,
-    model: Any,
+    model: InpFormer,
     scoring: ScoringConfig,
     ev: Evaluation,
     ds: ImageDataset,
@@ -205,17 +219,12 @@ def _write_reports(folder: Path, ev: Evaluation) -> None:
     (folder / "metrics.md").write_text(markdown_table(ev.per_category, mean) + "\n")
 
 
-def model_package(p: Params, ev: Evaluation, group: str) -> dict[str, Any]:
-    """What a registered model needs besides its weights: scoring, transform sizes, thresholds."""
-    cats = ev.groups[group]
-    return {
-        "scoring": asdict(ev.scoring[group]),
-        "image_size": p.data.image_size,
-        "crop_size": p.data.crop_size,
-        "thresholds": {c: ev.thresholds[c] for c in cats},
-        "normalize": p.eval.threshold.normalize,
-        "threshold_split": p.eval.threshold.split,
-    }
+def model_package(p: Params, ev: Evaluation, group: str) -> ModelPackage:
+    """The package of the scored weights, calibrated: scoring and the group's thresholds."""
+    thresholds = {c: CategoryThresholds.from_dict(ev.thresholds[c]) for c in ev.groups[group]}
+    return ev.packages[group].calibrate(
+        ev.scoring[group], thresholds, normalize=p.eval.threshold.normalize, threshold_split=p.eval.threshold.split
+    )
 
 
 def _track(p: Params, ev: Evaluation) -> None:
@@ -241,8 +250,7 @@ def _track(p: Params, ev: Evaluation) -> None:
                 except Exception as err:  # the metrics are written already: a registry error only warns
                     tracking_failed(p, f"registering the model of {group}", err)
                     registry[group] = {"error": f"{type(err).__name__}: {err}"}
-        active = getattr(mlflow, "active_run", lambda: None)()
-        run_id = getattr(getattr(active, "info", None), "run_id", "")
+        run_id = active_run_id(mlflow)
         maps_info = {g: {"map": ev.scoring[g].map_kind, "encoder_pretrained": ev.pretrained[g]} for g in ev.groups}
         record = {"run_id": run_id, "registry": registry, "maps": maps_info}
         atomic_write_text(EVAL_RUN_FILE, json.dumps(record, indent=2, default=str))

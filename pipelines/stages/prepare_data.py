@@ -20,7 +20,7 @@ from components.data.synthetic import generate_synthetic
 from components.files import atomic_write_text
 from pipelines.config import Params, check_slug
 from pipelines.paths import SOURCES_DIR, manifest_path, raw_dir, relative_to
-from pipelines.reporting import count_table, format_table
+from pipelines.stages.reporting import count_table, format_table
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from components.data.io import read_rgb
 from pipelines.builders import build_synthesizer, build_transform
 from pipelines.config import Params
 from pipelines.paths import remove_tree, synth_dir
-from pipelines.records import load_records
+from pipelines.stages.records import load_records
 
 __all__ = ["synthesize"]
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from components.checkpoint import save_model
 from components.data.datasets import Record
-from components.distributed import DistContext, check_same_config, init_from_env
+from components.engine.checkpoint import save_model
+from components.engine.distributed import DistContext, check_same_config, init_from_env
+from components.engine.train_config import CheckpointSpec
+from components.engine.training import train as train_model
 from components.files import atomic_write_text
-from components.training import CheckpointSpec, seed_everything
-from components.training import train as train_model
-from pipelines.builders import build_loss, build_model, build_train_config, resolve_device
+from components.scoring.package import ModelPackage, Provenance
+from pipelines.builders import resolve_device
 from pipelines.config import Params
 from pipelines.paths import (
     ARTIFACTS,
@@ -28,9 +28,9 @@ from pipelines.paths import (
     TRAIN_SUMMARY_FILE,
     remove_tree,
 )
-from pipelines.records import load_records, manifest_hash, training_groups
-from pipelines.tracking import begin_pipeline_run, tracked_run
-from pipelines.training_data import training_dataset
+from pipelines.stages.records import load_records, manifest_hash, training_groups
+from pipelines.stages.training_data import assemble_training
+from pipelines.tracking.runs import active_run_id, begin_pipeline_run, tracked_run
 
 __all__ = ["config_hash", "train", "train_group"]
 
@@ -118,63 +118,52 @@ def train_group(
     wait, then read it), and alone tracks and writes the model.
     """
     ctx = ctx or DistContext()
-    seed_everything(p.seed, p.train.deterministic)  # per group, as the official single-class loop
-    model = build_model(p)
-    cfg = replace(build_train_config(p, progress and ctx.main), parallel=ctx)
-    if ctx.active and cfg.device.startswith("cuda"):
-        cfg = replace(cfg, device=f"cuda:{ctx.local_rank}")
-    npm, dice = build_loss(p)
-    if not ctx.main:
-        ctx.barrier()  # rank 0 builds the encoder-feature cache first
-    dataset = training_dataset(p, recs, records, model, cfg.device, progress and ctx.main)
-    if ctx.main:
-        ctx.barrier()
-    model_config = {
-        "model": model.config.to_dict(),
-        "encoder_pretrained": model.pretrained_loaded,
-        "encoder_weights_source": model.encoder.weights_source,
-        "group": group,
-        "categories": sorted({r.category for r in recs}),
-        "setting": p.setting.kind,
-        "dataset": p.data.name,
-        "image_size": p.data.image_size,
-        "crop_size": p.data.crop_size,
-    }
-    checkpoints = CheckpointSpec(
-        CHECKPOINTS_DIR / config_hash(p) / group, model_config, resume, p.train.keep_checkpoints
+    job = assemble_training(p, recs, records, progress, ctx)
+    model = job.model
+    package = ModelPackage(
+        model=model.config,
+        resize=p.data.image_size,
+        categories=tuple(sorted({r.category for r in recs})),
+        group=group,
+        dataset=p.data.name,
+        setting=p.setting.kind,
+        encoder_pretrained=model.pretrained_loaded,
+        encoder_weights_source=model.encoder.weights_source,
+        provenance=Provenance(manifest_hash=manifest_hash(p), params_hash=config_hash(p)),
     )
+    checkpoints = CheckpointSpec(CHECKPOINTS_DIR / config_hash(p) / group, package, resume, p.train.keep_checkpoints)
     if not ctx.main:
-        train_model(model, dataset, cfg, npm, dice, checkpoints)
+        train_model(model, job.dataset, job.cfg, job.loss, job.dice, checkpoints)
         return {}, []
     tags = {"group": group, "encoder_pretrained": model.pretrained_loaded, "manifest_hash": manifest_hash(p)}
     if ctx.active:
         tags["ranks"] = ctx.world
     previous = _run_record(checkpoints.folder) if resume else ""
     with tracked_run(p, "train", f"train-{group}", tags, in_pipeline=True, run_id=previous) as mlflow:
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id:
-            atomic_write_text(checkpoints.folder / RUN_RECORD, json.dumps({"run_id": active.info.run_id}))
+        run_id = active_run_id(mlflow)
+        if run_id:
+            atomic_write_text(checkpoints.folder / RUN_RECORD, json.dumps({"run_id": run_id}))
         if not previous:
-            mlflow.log_params({"encoder_pretrained": model.pretrained_loaded, "n_train_images": len(dataset)})
+            mlflow.log_params({"encoder_pretrained": model.pretrained_loaded, "n_train_images": len(job.dataset)})
 
         def on_epoch(m: dict[str, Any]) -> None:
             epoch_metrics = {f"train_{k}": v for k, v in m.items() if isinstance(v, float)}
             mlflow.log_metrics(epoch_metrics, step=int(m["epoch"]))
 
-        result = train_model(model, dataset, cfg, npm, dice, checkpoints, on_epoch=on_epoch)
-        save_model(out, model, model_config)
-        mlflow.log_metrics({"train_seconds": result["seconds"]})
-    resumed = (" (resumed)" if result["resumed"] else "") + (f" on {ctx.world} ranks" if ctx.active else "")
+        result = train_model(model, job.dataset, job.cfg, job.loss, job.dice, checkpoints, on_epoch=on_epoch)
+        save_model(out, model, package)
+        mlflow.log_metrics({"train_seconds": result.seconds})
+    resumed = (" (resumed)" if result.resumed else "") + (f" on {ctx.world} ranks" if ctx.active else "")
     print(
-        f"[{group}] {len(dataset)} images, {result['iterations']} iterations, {result['seconds']:.1f}s{resumed}; "
+        f"[{group}] {len(job.dataset)} images, {result.iterations} iterations, {result.seconds:.1f}s{resumed}; "
         f"encoder pretrained: {model.pretrained_loaded}"
     )
     row = {
-        "images": len(dataset),
-        "iterations": result["iterations"],
-        "seconds": round(result["seconds"], 2),
-        "resumed": result["resumed"],
-        "final_loss": result["history"][-1].get("total") if result["history"] else None,
+        "images": len(job.dataset),
+        "iterations": result.iterations,
+        "seconds": round(result.seconds, 2),
+        "resumed": result.resumed,
+        "final_loss": result.history[-1].get("total") if result.history else None,
         "encoder_pretrained": model.pretrained_loaded,
     }
-    return row, result["history"]
+    return row, result.history

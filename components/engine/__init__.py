@@ -1,0 +1,1 @@
+"""Training engine: the loop, its settings, samplers, optimiser, checkpoints, DDP, caches and losses."""

@@ -1,0 +1,1 @@
+"""Scoring: anomaly maps, batched inference, decisions, the model package, overlays and export."""

@@ -1,0 +1,139 @@
+"""Scoring: anomaly maps and image scores for batches and whole datasets (spec §11–§13.8).
+
+One frozen :class:`ScoringConfig` carries every scoring setting (map kind and the official
+post-processing: resize, Gaussian blur, top-ratio image score). The evaluate stage, ``predict``,
+the sweep objective and the MLflow pyfunc all score through :func:`score_batch` with it; it is
+stored next to a registered model as JSON and read back from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from components.constants import FUSED_L2_NORMS, MAP_KINDS, check_choice
+from components.data import batch as keys
+from components.scoring.anomaly_map import (
+    fused_map,
+    image_score,
+    inp_distance_map,
+    postprocess,
+    reconstruction_map,
+)
+
+if TYPE_CHECKING:
+    from components.model import InpFormer
+
+__all__ = ["MAP_KINDS", "InferenceResult", "ScoringConfig", "predict", "score_batch"]
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How a model's output becomes a map and a score.
+
+    Args:
+        map_kind: ``reconstruction`` (conference, §12), ``fused`` (++ with the seg head, §13.8) or
+            ``inp_distance`` (zero-shot, §11).
+        resize: side of the post-processed map (None: keep the crop size).
+        blur_kernel: Gaussian kernel size (0: no blur).
+        blur_sigma: Gaussian σ.
+        top_ratio: fraction of the map's pixels averaged into the image score.
+        fused_l2_norm: scaling of the L2 term of the fused map (``none`` = paper).
+    """
+
+    map_kind: str = "reconstruction"
+    resize: int | None = 256
+    blur_kernel: int = 5
+    blur_sigma: float = 4.0
+    top_ratio: float = 0.01
+    fused_l2_norm: str = "none"
+
+    def __post_init__(self) -> None:
+        check_choice("map_kind", self.map_kind, MAP_KINDS)
+        check_choice("fused_l2_norm", self.fused_l2_norm, FUSED_L2_NORMS)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScoringConfig:
+        """Inverse of ``asdict``; unknown keys are an error naming them."""
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            msg = f"unknown scoring keys {unknown} (known: {sorted(cls.__dataclass_fields__)})."
+            raise ValueError(msg)
+        return cls(**data)
+
+
+@dataclass
+class InferenceResult:
+    """Outputs of :func:`predict` for a whole dataset (numpy, post-processed)."""
+
+    maps: np.ndarray  # N×R×R float32 anomaly maps after resize + blur
+    scores: np.ndarray  # N image scores
+    labels: np.ndarray  # N labels (0 normal, 1 anomalous; -1 when unknown)
+    masks: np.ndarray | None  # N×R×R uint8 ground truth, binarised at 0.5 (None when absent)
+    paths: list[str] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+
+
+@torch.no_grad()
+def score_batch(model: InpFormer, images: torch.Tensor, scoring: ScoringConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """images B×3×H×W → (post-processed maps B×1×R×R, image scores B) (spec §11–§13.8)."""
+    size = tuple(images.shape[-2:])
+    out = model(images)
+    if scoring.map_kind == "reconstruction":
+        amap = reconstruction_map(out.encoder_groups, out.decoder_groups, size)
+    elif scoring.map_kind == "inp_distance":
+        amap = inp_distance_map(out.fused_features, out.prototypes, out.grid, size)
+    else:
+        seg = torch.sigmoid(model.segment(out, size)) if model.seg_head is not None else None
+        amap = fused_map(out.encoder_groups, out.decoder_groups, seg, size, scoring.fused_l2_norm)
+    amap = postprocess(amap.float(), scoring.resize, scoring.blur_kernel, scoring.blur_sigma)
+    return amap, image_score(amap, scoring.top_ratio)
+
+
+def _ground_truth(mask: torch.Tensor, resize: int | None) -> torch.Tensor:
+    """B×K×H×W soft masks → B×R×R uint8 binarised at 0.5 (channel max, nearest resize)."""
+    gt = mask.float()
+    if resize:
+        gt = torch.nn.functional.interpolate(gt, size=(resize, resize), mode="nearest")
+    if gt.shape[1] > 1:
+        gt = gt.max(dim=1, keepdim=True).values
+    return (gt[:, 0] > 0.5).to(torch.uint8)
+
+
+@torch.no_grad()
+def predict(
+    model: InpFormer,
+    dataset: Dataset,
+    scoring: ScoringConfig,
+    batch_size: int = 16,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> InferenceResult:
+    """Anomaly maps and image scores for every sample of ``dataset`` (spec §11–§13.8)."""
+    model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    maps, scores, labels, masks, paths, cats = [], [], [], [], [], []
+    for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
+        images = batch[keys.IMAGE].to(device)
+        amap, score = score_batch(model, images, scoring)
+        scores.append(score.cpu())
+        maps.append(amap[:, 0].cpu())
+        labels.append(torch.as_tensor(batch.get(keys.LABEL, torch.full((len(images),), -1))).cpu())
+        if keys.MASK in batch:
+            masks.append(_ground_truth(batch[keys.MASK], scoring.resize))
+        paths.extend(batch.get(keys.PATH, []))
+        cats.extend(batch.get(keys.CATEGORY, []))
+    return InferenceResult(
+        maps=torch.cat(maps).numpy().astype(np.float32),
+        scores=torch.cat(scores).numpy().astype(np.float64),
+        labels=torch.cat(labels).numpy().astype(np.int64),
+        masks=torch.cat(masks).numpy() if masks else None,
+        paths=list(paths),
+        categories=list(cats),
+    )

@@ -1,0 +1,235 @@
+"""The model package: what a model folder, a registered version and an exported file say about their weights.
+
+One frozen :class:`ModelPackage` holds the architecture (:class:`~components.model.InpFormerConfig`),
+the transform's resize side (the crop side is the architecture's input size), the categories and
+the training scope (group, dataset, setting, encoder weights), and, once the evaluate stage has
+calibrated it, the :class:`~components.scoring.inference.ScoringConfig` and the per-category
+:class:`~components.scoring.decision.CategoryThresholds`. A provenance block ties it to its bytes
+(the weights' SHA-256) and to what produced them (data manifest hash, params hash, git commit,
+library versions). Each value is stored once.
+
+It is written as one JSON file, ``package.json``, by :meth:`ModelPackage.to_json` alone (model
+folders, training checkpoints and registered versions through :func:`write_package`, exported
+files inside their metadata) and read by :meth:`ModelPackage.from_json` alone
+(:func:`read_package` for folders, which also reads the ``config.json`` + ``scoring.json`` of
+folders written before the package existed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from components.data.transforms import ImageTransform
+from components.files import atomic_write_text
+from components.model.config import InpFormerConfig
+from components.scoring.decision import CategoryThresholds, DecisionRule
+from components.scoring.inference import ScoringConfig
+
+__all__ = ["PACKAGE_FILE", "ModelPackage", "PackageError", "Provenance", "read_package", "write_package"]
+
+PACKAGE_FILE = "package.json"
+SCHEMA = 1  # the layout of package.json; readers refuse newer ones
+LEGACY_CONFIG_FILE, LEGACY_SCORING_FILE = "config.json", "scoring.json"  # folders from before the package
+
+
+class PackageError(ValueError):
+    """A package JSON that cannot describe a model; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What ties a package to its bytes and to what produced them (empty string: not recorded).
+
+    ``git_commit`` and ``libraries`` are recorded at registration only, so the DVC outputs of the
+    same code, data and params stay byte-identical across commits.
+    """
+
+    weights_sha256: str = ""
+    manifest_hash: str = ""
+    params_hash: str = ""
+    git_commit: str = ""
+    libraries: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """Everything besides the weights that scoring a model's images needs (see the module docstring).
+
+    Args:
+        model: the architecture; its ``image_size`` is the centre-crop side.
+        resize: side of the square resize before the crop.
+        categories: the categories the model was trained on.
+        group, dataset, setting: the training scope.
+        encoder_pretrained, encoder_weights_source: whether (and from where) DINOv2 weights were loaded.
+        scoring: map kind and post-processing (None until the evaluate stage calibrates the package).
+        thresholds: per-category thresholds (empty until calibrated).
+        normalize: report normalised scores (0.5 = threshold).
+        threshold_split: the split the thresholds were calibrated on.
+        provenance: weights digest and what produced them.
+    """
+
+    model: InpFormerConfig
+    resize: int
+    categories: tuple[str, ...] = ()
+    group: str = "all"
+    dataset: str = ""
+    setting: str = ""
+    encoder_pretrained: bool = False
+    encoder_weights_source: str = ""
+    scoring: ScoringConfig | None = None
+    thresholds: dict[str, CategoryThresholds] = field(default_factory=dict)
+    normalize: bool = False
+    threshold_split: str = ""
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "categories", tuple(str(c) for c in self.categories))
+        if self.crop > self.resize:
+            msg = f"the crop side {self.crop} exceeds the resize side {self.resize}."
+            raise PackageError(msg)
+
+    @property
+    def crop(self) -> int:
+        """The centre-crop side: the architecture's input size."""
+        size = self.model.image_size
+        return int(size if isinstance(size, int) else size[0])
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the evaluate stage has set scoring and thresholds."""
+        return self.scoring is not None
+
+    def transform(self) -> ImageTransform:
+        """The preprocessing of the model's images."""
+        return ImageTransform(resize=self.resize, crop=self.crop)
+
+    def rule(self, normalized: bool | None = None) -> DecisionRule:
+        """The per-category decision rule (normalised as recorded unless ``normalized`` says otherwise)."""
+        return DecisionRule(dict(self.thresholds), self.normalize if normalized is None else normalized)
+
+    def calibrate(self, scoring: ScoringConfig, thresholds: dict[str, CategoryThresholds], **kw: Any) -> ModelPackage:
+        """A copy with scoring and thresholds (and ``normalize`` / ``threshold_split`` / ``provenance``)."""
+        return replace(self, scoring=scoring, thresholds=dict(thresholds), **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (NaN thresholds stay NaN, as Python's json writes them)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["model"] = self.model.to_dict()
+        out["categories"] = list(self.categories)
+        out["scoring"] = None if self.scoring is None else asdict(self.scoring)
+        out["thresholds"] = {c: t.to_dict() for c, t in self.thresholds.items()}
+        out["provenance"] = asdict(self.provenance)
+        return {"schema": SCHEMA, **out}
+
+    def to_json(self) -> str:
+        """The one serialisation of a package (sorted keys, so equal packages are equal bytes)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "package") -> ModelPackage:
+        """Inverse of :meth:`to_dict`. Raises :class:`PackageError` naming ``where`` and the key."""
+        if not isinstance(data, dict):
+            raise PackageError(f"{where}: a model package is a JSON object, got {type(data).__name__}.")
+        data = dict(data)
+        schema = data.pop("schema", SCHEMA)
+        if schema != SCHEMA:
+            raise PackageError(f"{where}: package schema {schema!r}; this inpformer reads schema {SCHEMA}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PackageError(f"{where}: unknown package keys {unknown} (known: {sorted(known)}).")
+        for key in ("model", "resize"):
+            if key not in data:
+                raise PackageError(f"{where}: the package has no '{key}'.")
+        try:
+            values = dict(data)
+            values["model"] = InpFormerConfig.from_dict(_object(data["model"], where, "model"))
+            values["resize"] = _integer(data["resize"], where, "resize")
+            if data.get("scoring") is not None:
+                values["scoring"] = ScoringConfig.from_dict(_object(data["scoring"], where, "scoring"))
+            thresholds = _object(data.get("thresholds") or {}, where, "thresholds")
+            values["thresholds"] = {
+                str(c): CategoryThresholds.from_dict(_object(t, where, f"thresholds.{c}"))
+                for c, t in thresholds.items()
+            }
+            values["provenance"] = Provenance(**_object(data.get("provenance") or {}, where, "provenance"))
+            for key in ("encoder_pretrained", "normalize"):
+                if key in data and not isinstance(data[key], bool):
+                    raise PackageError(f"{where}: '{key}' must be true or false, got {data[key]!r}.")
+            return cls(**values)
+        except PackageError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise PackageError(f"{where}: {err}") from err
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "package") -> ModelPackage:
+        """The one reader of a package's JSON (see :meth:`from_dict`)."""
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise PackageError(f"{where}: not valid JSON ({err}).") from err
+        return cls.from_dict(data, where)
+
+
+def _object(value: Any, where: str, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PackageError(f"{where}: '{key}' must be a JSON object, got {type(value).__name__}.")
+    return value
+
+
+def _integer(value: Any, where: str, key: str) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
+        raise PackageError(f"{where}: '{key}' must be an integer, got {value!r}.")
+    return int(value)
+
+
+def write_package(folder: str | os.PathLike, package: ModelPackage) -> Path:
+    """Write ``folder/package.json`` atomically; return its path."""
+    path = Path(folder) / PACKAGE_FILE
+    atomic_write_text(path, package.to_json())
+    return path
+
+
+def read_package(folder: str | os.PathLike) -> ModelPackage:
+    """The package of a model folder (``package.json``; older folders: ``config.json`` + ``scoring.json``).
+
+    Raises:
+        FileNotFoundError: the folder holds neither.
+        PackageError: the JSON cannot describe a model (naming the file and the key).
+    """
+    folder = Path(folder)
+    path = folder / PACKAGE_FILE
+    if path.is_file():
+        return ModelPackage.from_json(path.read_text(), str(path))
+    legacy = folder / LEGACY_CONFIG_FILE
+    if not legacy.is_file():
+        msg = f"{path} is missing: {folder} is not a model folder (re-run training)."
+        raise FileNotFoundError(msg)
+    return ModelPackage.from_dict(_from_legacy(folder), str(legacy))
+
+
+def _from_legacy(folder: Path) -> dict[str, Any]:
+    """A package dict from a pre-package folder's ``config.json`` (and ``scoring.json`` if registered)."""
+    config = _object(json.loads((folder / LEGACY_CONFIG_FILE).read_text()), str(folder), LEGACY_CONFIG_FILE)
+    data: dict[str, Any] = {"model": config.get("model"), "resize": config.get("image_size")}
+    for key in ("group", "dataset", "setting", "encoder_pretrained", "encoder_weights_source", "categories"):
+        if key in config:
+            data[key] = config[key]
+    scoring_file = folder / LEGACY_SCORING_FILE
+    if scoring_file.is_file():
+        settings = _object(json.loads(scoring_file.read_text()), str(scoring_file), LEGACY_SCORING_FILE)
+        for key in ("scoring", "thresholds", "normalize", "threshold_split"):
+            if key in settings:
+                data[key] = settings[key]
+    return data

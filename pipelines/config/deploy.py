@@ -1,0 +1,47 @@
+"""Params of deployment: decision thresholds, export, and predict / app / scheduled scoring."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pipelines.config.base import Device, Seed, StrictParams
+
+__all__ = ["ExportParams", "ServeParams", "ThresholdParams"]
+
+
+class ThresholdParams(StrictParams):
+    """How per-category decision thresholds are calibrated (components/scoring/decision.py)."""
+
+    split: Literal["test", "validation"] = "test"  # test: F1-optimal on the evaluated images (paper's F1max)
+    validation_fraction: float = Field(0.3, gt=0, lt=1)  # split=validation: share of each category's test images
+    fpr: float = Field(0.01, gt=0, lt=1)  # without anomalous calibration images: flag this share of normals
+    normalize: bool = False  # report scores normalised so that 0.5 is every category's threshold
+    seed: Seed = 0
+
+
+class ExportParams(StrictParams):
+    """``inpformer export``: formats, and the parity check against PyTorch at export time."""
+
+    format: Literal["onnx", "torchscript"] = "onnx"
+    opset: int = Field(17, ge=11)
+    dynamic_batch: bool = True
+    parity_images: int = Field(8, ge=1)  # images of the evaluation split the export is checked on
+    map_rtol: float = Field(1.0e-4, gt=0)  # max |map diff| / max |map|
+    score_rtol: float = Field(1.0e-5, gt=0)  # max |score diff| / max |score|
+    out_dir: str = "artifacts/export"
+
+
+class ServeParams(StrictParams):
+    """``inpformer predict``, ``inpformer app`` and ``inpformer serve-scoring``."""
+
+    batch_size: int = Field(8, ge=1)
+    device: Device = "auto"  # where predict, the app and scheduled scoring run PyTorch models
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"  # what runs exported .onnx models
+    heat_scale: float = Field(2.0, gt=0)  # overlay colour scale ends at this multiple of the pixel threshold
+    map_size: int = Field(64, ge=8)  # side of the compact maps the pyfunc returns on request
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=1, le=65535)
+    model: str = ""  # default model of predict/app/scoring ('' : the workspace's only model)
+    watch_out: str = "artifacts/scoring"  # where serve-scoring writes predictions and overlays

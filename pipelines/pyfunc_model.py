@@ -1,8 +1,0 @@
-"""MLflow "models from code" entry: logging this file (not a pickled object) keeps the registered
-model free of pickle; ``pipelines`` and ``components`` travel as code paths."""
-
-import mlflow.models
-
-from pipelines.pyfunc import InpFormerPyfunc
-
-mlflow.models.set_model(InpFormerPyfunc())

@@ -1,0 +1,1 @@
+"""A model leaving the pipeline: predict, export, the MLflow pyfunc, the web inspector and scheduled scoring."""

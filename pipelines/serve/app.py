@@ -1,0 +1,180 @@
+"""``inpformer app``: a web inspector on 127.0.0.1 (FastAPI, one page, no build step).
+
+Pick a model (workspace folders, registered versions and aliases, exported files, or those given
+with ``--model``) and a category, drop or choose images, and see each one's overlay (in its own
+pixel frame), score, threshold and decision. A slider moves the image threshold; decisions update
+at once. Scoring goes through the same :class:`~components.scoring.decision.DecisionRule` as ``predict``
+and the MLflow model.
+
+API: ``GET /api/models`` → the offered refs; ``GET /api/model?ref=…`` → its categories and version
+(loads it); ``POST /api/score`` with
+``{"model", "category", "image": base64 file}`` → score, threshold, decision, the category's score
+range, and the overlay as a base64 PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
+from PIL import Image
+from pydantic import BaseModel
+
+from components.data.io import ImageReadError, decode_rgb
+from pipelines.builders import resolve_device
+from pipelines.config import Params
+from pipelines.paths import MODELS_DIR
+from pipelines.serve.predict import LoadedModel, open_model, overlay_for, score_pil
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ScoreRequest", "create_app", "offered_models", "run_app"]
+
+PAGE_FILE = Path(__file__).with_name("static") / "index.html"  # the page: plain HTML + JS, no build step
+
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+REGISTRY_VERSIONS = 20  # newest registered versions offered
+
+
+class ScoreRequest(BaseModel):
+    """One image to score."""
+
+    model: str
+    category: str = ""
+    image: str  # base64 of the file
+
+
+def offered_models(p: Params, given: list[str]) -> list[str]:
+    """``given``, else the workspace's model folders, exported files and registry versions/aliases."""
+    if given:
+        return list(given)
+    refs = (
+        [str(d) for d in sorted(MODELS_DIR.iterdir()) if (d / "config.json").is_file()] if MODELS_DIR.is_dir() else []
+    )
+    exported = Path(p.export.out_dir)
+    if exported.is_dir():
+        refs += [str(f) for f in sorted(exported.iterdir()) if f.suffix in (".onnx", ".pt")]
+    return refs + _registry_refs(p)
+
+
+def _registry_refs(p: Params) -> list[str]:
+    from pipelines.tracking.guard import sqlite_path, tracking_uri
+
+    db = sqlite_path(p)
+    if not p.tracking.enabled or db is None or not db.is_file():
+        return []
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri(p))
+        name = p.tracking.registered_model
+        model = client.get_registered_model(name)
+        versions = client.search_model_versions(f"name='{name}'", max_results=REGISTRY_VERSIONS)
+    except Exception as err:  # no registry yet, or unreadable: the workspace models still work
+        logger.info("registry not offered: %s", err)
+        return []
+    aliases = [f"models:/{name}@{a}" for a in sorted(model.aliases)]
+    numbers = sorted((int(v.version) for v in versions), reverse=True)
+    return aliases + [f"models:/{name}/{v}" for v in numbers]
+
+
+def _decode(text: str) -> Image.Image:
+    try:
+        data = base64.b64decode(text.split(",", 1)[-1], validate=True)  # data URLs too
+    except (binascii.Error, ValueError) as err:
+        raise HTTPException(status_code=400, detail=f"not base64: {err}") from err
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise HTTPException(status_code=413, detail=f"larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+    try:
+        return decode_rgb(data, "upload")
+    except ImageReadError as err:
+        raise HTTPException(status_code=400, detail=str(err)) from err
+
+
+def create_app(p: Params, models: list[str]) -> FastAPI:
+    """The app offering ``models`` (loaded on first use and kept)."""
+    app = FastAPI(title="inpformer inspector")
+    device = resolve_device(p.serve.device, "serve.device")
+    cache: dict[str, LoadedModel] = {}
+
+    def package(ref: str) -> LoadedModel:
+        if ref not in models:
+            raise HTTPException(status_code=404, detail=f"model {ref!r} is not offered: {models}")
+        if ref not in cache:
+            try:
+                cache[ref] = open_model(p, ref, device)
+            except (ValueError, FileNotFoundError, ImportError) as err:
+                raise HTTPException(status_code=422, detail=f"{ref}: {err}") from err
+        return cache[ref]
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return PAGE_FILE.read_text(encoding="utf-8")
+
+    @app.get("/api/models")
+    def list_models() -> list[str]:
+        return models
+
+    @app.get("/api/model")
+    def model_info(ref: str) -> dict[str, Any]:
+        pkg = package(ref)  # loaded on first use only: offering many versions costs nothing
+        return {"categories": pkg.categories, "version": pkg.version}
+
+    @app.post("/api/score")
+    def score(request: ScoreRequest) -> dict[str, Any]:
+        pkg = package(request.model)
+        category = request.category or (pkg.categories[0] if len(pkg.categories) == 1 else "")
+        if category not in pkg.categories:
+            raise HTTPException(status_code=422, detail=f"category {category!r} is not one of {pkg.categories}")
+        image = _decode(request.image)
+        res = score_pil(pkg, [image], [category])[0]
+        overlay = overlay_for(pkg, image, category, res["map"], p.serve.heat_scale)
+        buffer = io.BytesIO()
+        overlay.save(buffer, format="PNG")
+        t = pkg.rule.of(category)
+        low, high = (0.0, 1.0) if pkg.rule.normalized else (t.image_min, t.image_max)
+        return {
+            "category": category,
+            "score": _finite(res["score"], None),
+            "threshold": _finite(res["threshold"], None),
+            "decision": res["decision"],
+            "rule": t.rule,
+            "range": [_finite(low, res["score"]), _finite(high, res["score"])],  # slider bounds
+            "version": pkg.version,
+            "overlay": base64.b64encode(buffer.getvalue()).decode("ascii"),
+        }
+
+    return app
+
+
+def _finite(x: float, fallback: float) -> float:
+    return float(x) if x == x and abs(x) != float("inf") else float(fallback)
+
+
+def run_app(p: Params, models: list[str], host: str | None, port: int | None) -> None:
+    """Serve the app (``serve.host``:``serve.port`` unless given) until interrupted."""
+    import uvicorn
+
+    offered = offered_models(p, models)
+    if not offered:
+        msg = "no model to offer: train one (dvc repro), or pass --model (folder, models:/…, .onnx)."
+        raise FileNotFoundError(msg)
+    host, port = host or p.serve.host, port or p.serve.port
+    print(f"inpformer inspector on http://{host}:{port}/ with {len(offered)} model(s)")
+    uvicorn.run(create_app(p, offered), host=host, port=port, log_level="warning")
+
+
+def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A bound, listening socket (port 0: a free one), for serving without a start-up race."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(16)
+    return sock

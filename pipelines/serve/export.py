@@ -1,0 +1,128 @@
+"""``inpformer export``: the model as one ONNX or TorchScript scorer, checked against PyTorch.
+
+The artifact holds the model and its post-processing (:mod:`components.scoring.export`) plus, as metadata,
+the preprocessing contract, the scoring settings, the per-category thresholds and the model
+version. At export time it is run on ``export.parity_images`` images of the evaluation split and
+compared with PyTorch: maps to ``export.map_rtol`` and scores to ``export.score_rtol`` (relative to
+the largest value); beyond that the export fails and nothing is kept. When the model came from the
+workspace and tracking is on, the artifact is logged to the evaluation run that registered the
+model, next to the registered version, and the version gets an ``export_<format>`` tag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.data import batch as keys
+from components.data.datasets import ImageDataset
+from components.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from components.files import atomic_write_text
+from components.scoring.export import FORMATS, ExportParityError, export_model, load_exported, parity
+from pipelines.config import Params
+from pipelines.paths import EVAL_RUN_FILE, confined
+from pipelines.serve.predict import default_model, open_model
+from pipelines.stages.records import evaluation_records, load_records
+from pipelines.tracking.guard import tracking_failed, tracking_uri
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["export"]
+
+
+def _parity_images(p: Params, package) -> torch.Tensor:
+    """The first ``export.parity_images`` evaluation images (normals and anomalies), transformed."""
+    records = evaluation_records(p, load_records(p))
+    if package.categories:
+        records = [r for r in records if r.category in package.categories] or records
+    normal = [r for r in records if r.label == 0]
+    anomalous = [r for r in records if r.label == 1]
+    n = p.export.parity_images
+    chosen = (anomalous[: n // 2] + normal)[:n] if anomalous else normal[:n]
+    ds = ImageDataset(chosen or records[:n], package.transform)
+    return torch.stack([ds[i][keys.IMAGE] for i in range(len(ds))])
+
+
+def export(p: Params, model_ref: str | None = None, out: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Export, check parity, log; returns a summary (path, parity numbers, run id)."""
+    e = p.export
+    ref = model_ref or default_model(p)
+    package = open_model(p, ref, "cpu")  # exported on CPU: the artifact runs anywhere
+    if package.model is None:
+        msg = f"{ref}: export needs a PyTorch model (a model folder or registry URI), not an exported file."
+        raise ValueError(msg)
+    target = Path(out) if out else confined(Path(e.out_dir) / f"model{FORMATS[e.format]}")
+    if target.suffix != FORMATS[e.format]:
+        msg = f"{target}: a {e.format} export must end in {FORMATS[e.format]} (or pass --format)."
+        raise ValueError(msg)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    images = _parity_images(p, package)
+    t = package.transform
+    metadata = {
+        "format": e.format,
+        "version": package.version,
+        "source": package.label,
+        "preprocessing": {  # a reader's summary; the package below is what runtimes read
+            "color": "RGB",
+            "resize": f"{t.resize}x{t.resize} bilinear",
+            "center_crop": t.crop,
+            "scale": "1/255",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "layout": "NCHW float32",
+        },
+        "outputs": {"maps": "B x 1 x R x R post-processed anomaly maps", "scores": "B image scores"},
+        "package": replace(package.package, normalize=package.rule.normalized).to_dict(),
+    }
+    export_model(package.model, package.scoring, metadata, target, images[:2], e.opset, e.dynamic_batch)
+    result = parity(package.model, package.scoring, load_exported(target), images)
+    ok = result["map_rel"] <= e.map_rtol and result["score_rel"] <= e.score_rtol
+    summary = {"path": str(target), "format": e.format, "version": package.version, **result, "passed": ok}
+    if not ok:
+        target.unlink(missing_ok=True)
+        msg = (
+            f"parity check failed on {result['images']} images: maps differ by {result['map_rel']:.2e} "
+            f"(limit {e.map_rtol:g}), scores by {result['score_rel']:.2e} (limit {e.score_rtol:g}); "
+            f"{target} was removed."
+        )
+        raise ExportParityError(msg)
+    report = target.with_name(target.name + ".parity.json")
+    atomic_write_text(report, json.dumps(summary, indent=2))
+    summary["run_id"] = _log(p, target, report, ref)
+    print(
+        f"exported {target} ({e.format}, opset {e.opset if e.format == 'onnx' else '-'}): parity on "
+        f"{result['images']} images: maps {result['map_rel']:.1e} ≤ {e.map_rtol:g}, "
+        f"scores {result['score_rel']:.1e} ≤ {e.score_rtol:g}"
+    )
+    return summary
+
+
+def _log(p: Params, target: Path, report: Path, ref: str) -> str:
+    """Log the export to the run that registered the model (workspace models only); its run id."""
+    if not p.tracking.enabled or not EVAL_RUN_FILE.is_file() or ref.startswith(("models:/", "runs:/")):
+        return ""
+    record = json.loads(EVAL_RUN_FILE.read_text())
+    run_id = record.get("run_id", "")
+    group = Path(ref).name
+    if not run_id:
+        return ""
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri(p))
+        client = mlflow.MlflowClient()
+        client.log_artifact(run_id, str(target), artifact_path=f"export-{group}")
+        client.log_artifact(run_id, str(report), artifact_path=f"export-{group}")
+        version = record.get("registry", {}).get(group, {}).get("version")
+        if version:
+            uri = f"runs:/{run_id}/export-{group}/{target.name}"
+            client.set_model_version_tag(p.tracking.registered_model, str(version), f"export_{p.export.format}", uri)
+    except Exception as err:  # the export is written and checked: tracking errors only warn
+        tracking_failed(p, "logging the export", err)
+        return ""
+    return run_id

@@ -1,0 +1,1 @@
+"""MLflow: runs, the guard around the tracking store, and the model registry."""
