@@ -1,7 +1,28 @@
-"""Shared fixtures: tiny random-weight models, offline and on CPU."""
+"""Shared fixtures: tiny random-weight models, offline and on CPU; the one rule for numeric tolerances.
+
+Numeric tolerances (every comparison of two computations of the same values: SDPA vs the explicit
+softmax, DDP vs one process, exported runtimes vs eager PyTorch, bf16 vs fp32, our model vs the
+reference implementation) follow one rule, derived from the dtype and the size of the computation,
+never from what one machine measured:
+
+* **Reordering** (another kernel, thread count, all-reduce or runtime sums the same terms in another
+  order): each term of a reduction is a multiply and an add, each rounded by at most the unit
+  roundoff ``u = eps / 2``, so at most ``eps`` per term; independent rounding errors add like a
+  random walk, so over a reduction of ``n`` terms in each of ``depth`` layers in sequence the error,
+  relative to the compared tensor's scale (its largest magnitude), has a standard deviation of about
+  ``eps * sqrt(n * depth)``. :func:`reorder_tolerance` allows ``SIGMAS`` standard deviations.
+* **Storage rounding** (bf16 vs fp32: every layer's inputs and weights are rounded to the lower
+  precision once, ``eps`` of it per layer), adding over ``depth`` layers like a random walk:
+  :func:`storage_tolerance` = ``SIGMAS * eps * sqrt(depth)``.
+
+:func:`max_rel_diff` measures ``max |got - want| / max |want|``. A real defect (a wrong term, a
+missing layer) moves values by O(1) of the scale, far above these bounds. The numeric tests also run
+with 1 and 2 torch threads (the ``torch_threads`` fixture), so a thread-count dependence shows in CI.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,7 +37,33 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+SIGMAS = 8  # standard deviations of rounding noise a tolerance allows
+
+
+def reorder_tolerance(n: int, depth: int = 1, dtype: torch.dtype = torch.float32) -> float:
+    """Relative tolerance for a reordered computation: ``SIGMAS * eps * sqrt(n * depth)`` (see the module)."""
+    return SIGMAS * torch.finfo(dtype).eps * math.sqrt(n * depth)
+
+
+def storage_tolerance(depth: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Relative tolerance for a computation stored in ``dtype`` instead of fp32: ``SIGMAS * eps * sqrt(depth)``."""
+    return SIGMAS * torch.finfo(dtype).eps * math.sqrt(depth)
+
+
+def max_rel_diff(got, want) -> float:
+    """``max |got - want| / max |want|`` (tensors or arrays), in float64."""
+    got, want = torch.as_tensor(got).detach().double(), torch.as_tensor(want).detach().double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(torch.finfo(torch.float64).tiny))
+
+
 TINY = {"embed_dim": 32, "num_heads": 2}
+# The tiny model's computation, for the tolerance rule: the widest reduction of one layer (the MLP's
+# second projection sums its 4 x 32 hidden units; attention sums over 16 + 5 tokens at 56 px) and
+# the layers in sequence from the image to the decoder output (12 encoder blocks, 1 extractor, 8
+# decoder blocks); scoring adds the map's resize and blur.
+TINY_REDUCTION = 4 * TINY["embed_dim"]
+TINY_DEPTH = 12 + 1 + 8
+SCORING_DEPTH = TINY_DEPTH + 2
 # params overrides for pipeline tests: the embedded synthetic data and the model at the smallest size
 TINY_PIPELINE = [
     "data.image_size=64",
@@ -78,6 +125,15 @@ def model_workspace(root: Path, categories: list[str], thresholds: dict | None =
         rules = {c: CategoryThresholds.from_dict(t) for c, t in thresholds.items()}
         write_package(root / "artifacts" / "eval" / "packages" / "all", read_package(folder).calibrate(scoring, rules))
     return root
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def torch_threads(request):
+    """Run a numeric test with 1 and with 2 torch threads (kernels split reductions by thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -47,6 +47,16 @@ def test_pixel_rule_uses_masks_when_there_are_any() -> None:
     assert t.pixel_threshold == pytest.approx((0.9 + 0.3) / 2)  # F1-optimal 0.9, midway to the next value
 
 
+def test_threshold_that_flags_every_image_sits_below_the_lowest_score() -> None:
+    """F1 is best when everything is flagged (the lowest score is an anomaly's): the threshold goes
+    below the lowest score by half the gap to the next one, so a runtime 1 ulp lower still flags it."""
+    scores, labels = np.array([0.5, 0.7, 0.9, 1.0]), np.array([1, 0, 1, 1])
+    t = calibrate(scores, labels)
+    assert t.image_threshold == pytest.approx(0.5 - (0.7 - 0.5) / 2)
+    assert np.all(scores >= t.image_threshold)  # the F1-optimal decisions: every image flagged
+    assert np.nextafter(0.5, 0.0) >= t.image_threshold
+
+
 def test_normalize_closed_form() -> None:
     got = normalize(np.array([0.0, 2.0, 3.0, 4.0, 10.0, -5.0]), threshold=2.0, lo=0.0, hi=4.0)
     np.testing.assert_allclose(got, [0.0, 0.5, 0.75, 1.0, 1.0, 0.0])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import model_workspace, tiny_model
+from conftest import SCORING_DEPTH, TINY_REDUCTION, max_rel_diff, model_workspace, reorder_tolerance, tiny_model
 from PIL import Image
 
 from components.scoring.export import ExportParityError, export_model, load_exported, parity
@@ -18,10 +18,11 @@ from pipelines.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORING = ScoringConfig(map_kind="fused", resize=64)
+TOLERANCE = reorder_tolerance(TINY_REDUCTION, SCORING_DEPTH)  # another runtime: the same sums reordered
 
 
 @pytest.mark.parametrize("suffix", [".onnx", ".pt"])
-def test_export_matches_pytorch_at_any_batch(tmp_path, suffix) -> None:
+def test_export_matches_pytorch_at_any_batch(tmp_path, suffix, torch_threads) -> None:
     torch.manual_seed(0)
     model = tiny_model().eval()
     meta = {"image_size": 64, "crop_size": 56, "thresholds": {"a": {"image_threshold": 0.1}}}
@@ -31,19 +32,19 @@ def test_export_matches_pytorch_at_any_batch(tmp_path, suffix) -> None:
     assert scorer.metadata == meta  # the contract travels inside the file
     images = torch.randn(5, 3, 56, 56)  # another batch size than traced with
     diff = parity(model, SCORING, scorer, images, batch_size=5)
-    assert diff["map_rel"] <= 1e-4 and diff["score_rel"] <= 1e-5 and diff["images"] == 5
+    assert diff["map_rel"] <= TOLERANCE and diff["score_rel"] <= TOLERANCE and diff["images"] == 5
     maps, scores = scorer(images[:3])
     ref_maps, ref_scores = score_batch(model, images[:3], SCORING)
     assert maps.shape == (3, 64, 64) and scores.shape == (3,)
-    np.testing.assert_allclose(scores, ref_scores.numpy(), rtol=1e-5)
+    assert max_rel_diff(scores, ref_scores) <= TOLERANCE and max_rel_diff(maps, ref_maps[:, 0]) <= TOLERANCE
 
 
-def test_openvino_runs_the_same_onnx_file(tmp_path) -> None:
+def test_openvino_runs_the_same_onnx_file(tmp_path, torch_threads) -> None:
     torch.manual_seed(0)
     model = tiny_model().eval()
     target = export_model(model, SCORING, {}, tmp_path / "m.onnx", torch.randn(2, 3, 56, 56))
     diff = parity(model, SCORING, load_exported(target, runtime="openvino"), torch.randn(3, 3, 56, 56))
-    assert diff["map_rel"] <= 1e-4 and diff["score_rel"] <= 1e-5
+    assert diff["map_rel"] <= TOLERANCE and diff["score_rel"] <= TOLERANCE
 
 
 def test_parity_sees_a_different_model(tmp_path) -> None:
@@ -100,16 +101,17 @@ def test_export_cli_then_predict_with_the_artifact(export_workspace) -> None:
     assert main(["export", "--set", "tracking.enabled=false", "--set", "train.device=cpu"]) == 0
     onnx_file = export_workspace / "artifacts" / "export" / "model.onnx"
     report = json.loads((export_workspace / "artifacts" / "export" / "model.onnx.parity.json").read_text())
-    assert report["passed"] and report["map_rel"] <= 1e-4 and report["score_rel"] <= 1e-5 and report["images"] == 8
+    assert report["passed"] and report["map_rel"] <= TOLERANCE and report["score_rel"] <= TOLERANCE
+    assert report["images"] == 8
     assert main(["predict", "new", "--out", "torch_out", "--set", "train.device=cpu"]) == 0
     assert main(["predict", "new", "--model", str(onnx_file), "--out", "onnx_out"]) == 0
     torch_rows = list(csv.DictReader((export_workspace / "torch_out" / "predictions.csv").open()))
     onnx_rows = list(csv.DictReader((export_workspace / "onnx_out" / "predictions.csv").open()))
     assert [r["decision"] for r in onnx_rows] == [r["decision"] for r in torch_rows]
     assert {r["decision"] for r in onnx_rows} == {"anomalous", "normal"}  # both occur: a real comparison
-    for a, b in zip(onnx_rows, torch_rows):
-        assert float(a["score"]) == pytest.approx(float(b["score"]), rel=1e-5)
-        assert a["threshold"] == b["threshold"]
+    scores = [(float(a["score"]), float(b["score"])) for a, b in zip(onnx_rows, torch_rows)]
+    assert max_rel_diff(*zip(*scores)) <= TOLERANCE
+    assert [a["threshold"] for a in onnx_rows] == [b["threshold"] for b in torch_rows]
     assert main(["export", "--format", "torchscript", "--set", "tracking.enabled=false"]) == 0
     assert main(["predict", "new/a", "--model", "artifacts/export/model.pt", "--out", "ts_out"]) == 0
     assert main(["export", "--model", str(onnx_file)]) == 1  # an exported file cannot be exported again

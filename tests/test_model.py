@@ -21,10 +21,6 @@ from components.model import (
 )
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
 @pytest.mark.parametrize(
     ("name", "taps"),
     [
@@ -159,7 +155,14 @@ def _official_state_dict(model: InpFormer, seed: int = 0) -> dict[str, torch.Ten
 
 
 @pytest.mark.parametrize("size", [224, 56])
-def test_parity_with_reference_official_computation(size: int) -> None:
+def test_parity_with_reference_official_computation(size: int, torch_threads) -> None:
+    """Our model vs an independent transcription of the official computation: the same sums in
+    another order (conftest's rule; backward doubles the depth, the losses sum over every element)."""
+    from conftest import TINY_DEPTH, TINY_REDUCTION, max_rel_diff, reorder_tolerance
+
+    tokens = (size // 14) ** 2 + 5  # patches + class and register tokens: the attention's sums
+    n = max(TINY_REDUCTION, tokens)
+    encoder, forward, backward = (reorder_tolerance(n, d) for d in (12, TINY_DEPTH, 2 * TINY_DEPTH))
     torch.manual_seed(0)
     model = tiny_model(image_size=size, num_prototypes=6, seg_head=None)
     sd = _official_state_dict(model)
@@ -182,19 +185,20 @@ def test_parity_with_reference_official_computation(size: int) -> None:
     )
     taps, _ = model.encoder(x)
     for a, b in zip(taps, taps_r):
-        assert rel_err(a, b) <= 1e-5
-    assert rel_err(out.fused_features, fq_r) <= 1e-5
-    assert rel_err(out.prototypes, p_r) <= 1e-5
-    assert abs(float(terms["coherence"]) - float(g_r)) <= 1e-5 * abs(float(g_r))
-    assert abs(float(terms["total"]) - float(loss_r)) <= 1e-5 * abs(float(loss_r))
+        assert max_rel_diff(a, b) <= encoder
+    assert max_rel_diff(out.fused_features, fq_r) <= encoder
+    assert max_rel_diff(out.prototypes, p_r) <= reorder_tolerance(n, 13)
+    elements = out.fused_features.numel()  # the losses sum over every element
+    assert max_rel_diff(terms["coherence"], g_r) <= reorder_tolerance(elements, TINY_DEPTH)
+    assert max_rel_diff(terms["total"], loss_r) <= reorder_tolerance(elements, TINY_DEPTH)
     for a, b in zip(out.encoder_groups, en_r):
-        assert rel_err(a, b) <= 1e-5
+        assert max_rel_diff(a, b) <= encoder
     for a, b in zip(out.decoder_groups, de_r):
-        assert rel_err(a, b) <= 1e-4
+        assert max_rel_diff(a, b) <= forward
     for i, blk in enumerate(model.decoder):
-        for n, p in blk.named_parameters():
-            assert rel_err(p.grad, ref[f"decoder.{i}.{n}"].grad) <= 1e-3, f"decoder.{i}.{n}"
-    assert rel_err(model.prototype_token.grad, ref["prototype_token.0"].grad) <= 1e-3
+        for name, p in blk.named_parameters():
+            assert max_rel_diff(p.grad, ref[f"decoder.{i}.{name}"].grad) <= backward, f"decoder.{i}.{name}"
+    assert max_rel_diff(model.prototype_token.grad, ref["prototype_token.0"].grad) <= backward
 
 
 def test_chunked_meta_checkpoint_is_converted() -> None:
@@ -316,9 +320,10 @@ def test_attention_output_for_figure(tiny: InpFormer) -> None:
     assert math.isfinite(float(out.attention[-1].sum()))
 
 
-def test_sdpa_attention_matches_the_explicit_softmax() -> None:
-    """attention=sdpa (encoder ViT blocks + INP extractor) vs the official explicit softmax, fp32 CPU."""
-    from conftest import tiny_model
+def test_sdpa_attention_matches_the_explicit_softmax(torch_threads) -> None:
+    """attention=sdpa (encoder ViT blocks + INP extractor) vs the official explicit softmax, fp32 CPU:
+    the same sums in another order (conftest's tolerance rule)."""
+    from conftest import TINY_DEPTH, TINY_REDUCTION, max_rel_diff, reorder_tolerance, tiny_model
 
     torch.manual_seed(0)
     explicit = tiny_model().eval()
@@ -331,8 +336,9 @@ def test_sdpa_attention_matches_the_explicit_softmax() -> None:
         a, b = explicit(x), fused(x)
     pairs = [(a.prototypes, b.prototypes), (a.fused_features, b.fused_features)]
     pairs += list(zip(a.decoder_groups, b.decoder_groups))
+    tolerance = reorder_tolerance(TINY_REDUCTION, TINY_DEPTH)
     for ref, got in pairs:
-        assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+        assert max_rel_diff(got, ref) <= tolerance
     auto = tiny_model(attention="auto").eval()
     auto.load_state_dict(explicit.state_dict())
     with torch.no_grad():
@@ -340,8 +346,8 @@ def test_sdpa_attention_matches_the_explicit_softmax() -> None:
     assert torch.equal(same.prototypes, a.prototypes) and torch.equal(same.decoder_groups[0], a.decoder_groups[0])
 
 
-def test_bf16_encoder_gives_fp32_features_close_to_fp32() -> None:
-    from conftest import tiny_model
+def test_bf16_encoder_gives_fp32_features_close_to_fp32(torch_threads) -> None:
+    from conftest import max_rel_diff, storage_tolerance, tiny_model
 
     torch.manual_seed(0)
     ref = tiny_model().eval()
@@ -353,5 +359,5 @@ def test_bf16_encoder_gives_fp32_features_close_to_fp32() -> None:
     with torch.no_grad():
         a, b = ref(x), low(x)
     assert b.fused_features.dtype == torch.float32
-    rel = float((b.fused_features - a.fused_features).abs().max() / a.fused_features.abs().max())
-    assert 0 < rel < 5e-2  # bf16 has 8 bits of mantissa: close, not equal
+    rel = max_rel_diff(b.fused_features, a.fused_features)
+    assert 0 < rel <= storage_tolerance(len(ref.encoder.vit.blocks))  # the bf16 encoder's 12 blocks: close, not equal

@@ -4,7 +4,8 @@ Calibration (per category, on the calibration images the evaluate stage chooses)
 
 * image threshold: F1-optimal (the threshold of I-F1max, :mod:`components.evaluation.metrics`) when the
   images hold normal and anomalous ones, placed midway between the lowest score it flags and the
-  next lower score: the decisions on the calibration images are exactly the F1-optimal ones, and
+  next lower score (below the lowest by half the gap to the next one when it flags every image):
+  the decisions on the calibration images are exactly the F1-optimal ones, and
   no image sits on the threshold, where a runtime's rounding (ONNX: ~1e-6) would flip it;
   otherwise the ``1 - fpr`` quantile of the normal scores, so that a fraction ``fpr`` of normal
   images is flagged. The rule is recorded (``f1`` / ``fpr=…``).
@@ -59,9 +60,15 @@ class CategoryThresholds:
 
 
 def _midway(values: np.ndarray, threshold: float) -> float:
-    """Midway between ``threshold`` (a value of ``values``) and the largest value below it."""
-    below = values[values < threshold]
-    return float((threshold + below.max()) / 2) if below.size and math.isfinite(threshold) else threshold
+    """Midway between ``threshold`` (a value of ``values``) and the largest value below it; when it
+    is the smallest value (every image flagged), as far below it as half the gap to the next value
+    above, so that no value sits on the threshold either way."""
+    if not math.isfinite(threshold):
+        return threshold
+    below, above = values[values < threshold], values[values > threshold]
+    if below.size:
+        return float((threshold + below.max()) / 2)
+    return float(threshold - (above.min() - threshold) / 2) if above.size else threshold
 
 
 def _quantile(values: np.ndarray, fpr: float) -> float:

@@ -28,6 +28,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from components.data.io import ImageReadError, decode_rgb
+from components.scoring.package import PACKAGE_FILE
 from pipelines.builders import resolve_device
 from pipelines.config import Params
 from pipelines.paths import MODELS_DIR
@@ -56,7 +57,7 @@ def offered_models(p: Params, given: list[str]) -> list[str]:
     if given:
         return list(given)
     refs = (
-        [str(d) for d in sorted(MODELS_DIR.iterdir()) if (d / "config.json").is_file()] if MODELS_DIR.is_dir() else []
+        [str(d) for d in sorted(MODELS_DIR.iterdir()) if (d / PACKAGE_FILE).is_file()] if MODELS_DIR.is_dir() else []
     )
     exported = Path(p.export.out_dir)
     if exported.is_dir():
