@@ -167,9 +167,8 @@ def test_names_that_become_paths_are_rejected(tmp_path, name: str) -> None:
             load_params(ROOT / "params.yaml", [f"{key}={value}"])
 
 
-def test_cli_prepare_rejects_an_unsafe_name_before_writing(tmp_path) -> None:
-    import subprocess
-    import sys
+def test_cli_prepare_rejects_an_unsafe_name_before_writing(tmp_path, monkeypatch, capsys) -> None:
+    from pipelines.cli import main
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "outside").mkdir()
@@ -177,9 +176,10 @@ def test_cli_prepare_rejects_an_unsafe_name_before_writing(tmp_path) -> None:
     work = tmp_path / "ws"
     work.mkdir()
     shutil.copy(ROOT / "params.yaml", work / "params.yaml")
+    monkeypatch.chdir(work)
     for args in (["prepare", "--name", "../../outside"], ["synthesize", "--set", "data.name=../../outside"]):
-        cmd = [sys.executable, "-m", "pipelines.cli", *args]
-        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=120)
-        assert proc.returncode != 0 and "not a safe name" in proc.stderr, proc.stderr
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code != 0 and "not a safe name" in err, err
     assert (tmp_path / "outside" / "keep.txt").read_text() == "mine"
     assert not (work / "data").exists()

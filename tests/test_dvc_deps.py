@@ -167,6 +167,7 @@ def _reads(stage_runs: dict[str, Any], overrides: list[str]) -> dict[str, set[st
     return out
 
 
+@pytest.mark.slow
 def test_stage_params_are_the_keys_read(tmp_path, monkeypatch) -> None:
     from pipelines import stages
 

@@ -21,15 +21,27 @@ SCORING = ScoringConfig(map_kind="fused", resize=64)
 TOLERANCE = reorder_tolerance(TINY_REDUCTION, SCORING_DEPTH)  # another runtime: the same sums reordered
 
 
-@pytest.mark.parametrize("suffix", [".onnx", ".pt"])
-def test_export_matches_pytorch_at_any_batch(tmp_path, suffix, torch_threads) -> None:
+META = {"image_size": 64, "crop_size": 56, "thresholds": {"a": {"image_threshold": 0.1}}}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny model and its exports (traced at batch 2), once per module: ``{suffix: path}``."""
+    folder = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     model = tiny_model().eval()
-    meta = {"image_size": 64, "crop_size": 56, "thresholds": {"a": {"image_threshold": 0.1}}}
-    target = export_model(model, SCORING, meta, tmp_path / f"m{suffix}", torch.randn(2, 3, 56, 56))
-    assert target.is_file() and not list(tmp_path.glob("*.partial"))
-    scorer = load_exported(target)
-    assert scorer.metadata == meta  # the contract travels inside the file
+    files = {
+        s: export_model(model, SCORING, META, folder / f"m{s}", torch.randn(2, 3, 56, 56)) for s in (".onnx", ".pt")
+    }
+    assert all(f.is_file() for f in files.values()) and not list(folder.glob("*.partial"))
+    return model, files
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt"])
+def test_export_matches_pytorch_at_any_batch(exported, suffix, torch_threads) -> None:
+    model, files = exported
+    scorer = load_exported(files[suffix])
+    assert scorer.metadata == META  # the contract travels inside the file
     images = torch.randn(5, 3, 56, 56)  # another batch size than traced with
     diff = parity(model, SCORING, scorer, images, batch_size=5)
     assert diff["map_rel"] <= TOLERANCE and diff["score_rel"] <= TOLERANCE and diff["images"] == 5
@@ -39,21 +51,17 @@ def test_export_matches_pytorch_at_any_batch(tmp_path, suffix, torch_threads) ->
     assert max_rel_diff(scores, ref_scores) <= TOLERANCE and max_rel_diff(maps, ref_maps[:, 0]) <= TOLERANCE
 
 
-def test_openvino_runs_the_same_onnx_file(tmp_path, torch_threads) -> None:
-    torch.manual_seed(0)
-    model = tiny_model().eval()
-    target = export_model(model, SCORING, {}, tmp_path / "m.onnx", torch.randn(2, 3, 56, 56))
-    diff = parity(model, SCORING, load_exported(target, runtime="openvino"), torch.randn(3, 3, 56, 56))
+def test_openvino_runs_the_same_onnx_file(exported, torch_threads) -> None:
+    model, files = exported
+    diff = parity(model, SCORING, load_exported(files[".onnx"], runtime="openvino"), torch.randn(3, 3, 56, 56))
     assert diff["map_rel"] <= TOLERANCE and diff["score_rel"] <= TOLERANCE
 
 
-def test_parity_sees_a_different_model(tmp_path) -> None:
-    torch.manual_seed(0)
-    model = tiny_model().eval()
-    target = export_model(model, SCORING, {}, tmp_path / "m.onnx", torch.randn(1, 3, 56, 56))
+def test_parity_sees_a_different_model(exported) -> None:
+    _, files = exported
     torch.manual_seed(1)
     other = tiny_model().eval()
-    diff = parity(other, SCORING, load_exported(target), torch.randn(2, 3, 56, 56))
+    diff = parity(other, SCORING, load_exported(files[".onnx"]), torch.randn(2, 3, 56, 56))
     assert diff["map_rel"] > 1e-3
 
 
