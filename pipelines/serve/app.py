@@ -56,9 +56,7 @@ def offered_models(p: Params, given: list[str]) -> list[str]:
     """``given``, else the workspace's model folders, exported files and registry versions/aliases."""
     if given:
         return list(given)
-    refs = (
-        [str(d) for d in sorted(MODELS_DIR.iterdir()) if (d / PACKAGE_FILE).is_file()] if MODELS_DIR.is_dir() else []
-    )
+    refs = [str(d) for d in sorted(MODELS_DIR.iterdir()) if (d / PACKAGE_FILE).is_file()] if MODELS_DIR.is_dir() else []
     exported = Path(p.export.out_dir)
     if exported.is_dir():
         refs += [str(f) for f in sorted(exported.iterdir()) if f.suffix in (".onnx", ".pt")]
