@@ -95,7 +95,7 @@ def export_workspace(tmp_path, monkeypatch):
     from pipelines.serve.predict import predict_images
 
     p = load_params("params.yaml", ["train.device=cpu"])
-    scores = {r["path"]: r["score"] for r in predict_images(p, ["new"], "probe", {})["rows"]}
+    scores = {r["path"]: r["score"] for r in predict_images(p, ["new"], "probe", {}).rows}
     for cat in ("a", "b"):
         mid = float(np.median([s for k, s in scores.items() if f"/{cat}/" in k]))
         thresholds[cat] = {"image_threshold": mid, "pixel_threshold": 0.5, "rule": "f1"}

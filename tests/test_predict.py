@@ -62,7 +62,7 @@ def test_predict_writes_rows_and_overlays_per_category(scored_workspace) -> None
 
     p = load_params("params.yaml", ["train.device=cpu"])
     summary = predict_images(p, ["new"], "out", {"save_maps": "npy"})
-    assert summary["scored"] == 6 and len(summary["skipped"]) == 1 and "broken.png" in summary["skipped"][0]
+    assert summary.scored == 6 and len(summary.skipped) == 1 and "broken.png" in summary.skipped[0]
     rows = list(csv.DictReader((scored_workspace / "out" / "predictions.csv").open()))
     assert [r["category"] for r in rows] == ["a"] * 3 + ["b"] * 3  # from the folder names
     assert {r["decision"] for r in rows if r["category"] == "a"} == {"anomalous"}  # its threshold is -1e9
@@ -86,7 +86,7 @@ def test_predict_unknown_category_is_an_error_before_writing(scored_workspace) -
         predict_images(p, [str(other)], "out", {})
     assert not (scored_workspace / "out").exists()
     summary = predict_images(p, [str(other)], "out", {"category": "b", "limit": 2})
-    assert summary["scored"] == 2
+    assert summary.scored == 2
 
 
 def test_predict_cli(scored_workspace) -> None:

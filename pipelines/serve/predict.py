@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "LoadedModel",
+    "ScoreSummary",
     "collect_images",
     "default_model",
     "open_model",
@@ -59,6 +61,25 @@ __all__ = [
 CSV_COLUMNS = ("path", "category", "score", "threshold", "decision", "model", "version")
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 MASK_FOLDER = "ground_truth"  # masks of an MVTec-layout tree: not images to score
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """What a predict or scoring run wrote: one row per scored image (as in predictions.jsonl) and
+    the files it skipped (their messages)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def scored(self) -> int:
+        """Images scored."""
+        return len(self.rows)
+
+    @property
+    def anomalous(self) -> int:
+        """Images decided anomalous."""
+        return sum(r["decision"] == ANOMALOUS for r in self.rows)
 
 
 def collect_images(sources: list[str], limit: int | None = None) -> list[tuple[Path, Path]]:
@@ -132,7 +153,10 @@ def open_model(p: Params, ref: str | None, device: str) -> LoadedModel:
             raise FileNotFoundError(msg)
         scorer = load_exported(ref, device, p.serve.runtime)
         meta = scorer.metadata
-        package = ModelPackage.from_dict(meta.get("package"), f"{ref} (metadata 'package')")
+        if "package" not in meta:
+            msg = f"{ref}: exported before model packages (no 'package' in its metadata); export it again."
+            raise ValueError(msg)
+        package = ModelPackage.from_dict(meta["package"], f"{ref} (metadata 'package')")
         return LoadedModel(scorer, package, ref, str(meta.get("version", "exported")))
     with tempfile.TemporaryDirectory(prefix="inpformer-model-") as tmp:
         if ref.startswith(REGISTRY_SCHEMES):
@@ -189,10 +213,10 @@ def _categories(images: list[tuple[Path, Path]], package: LoadedModel, forced: s
 
 def predict_images(
     p: Params, sources: list[str], out: str | os.PathLike, options: dict[str, Any], progress: bool = False
-) -> dict[str, Any]:
+) -> ScoreSummary:
     """Score ``sources`` into ``out``; ``options``: model, category, limit, save_maps (npy|png16).
 
-    Returns a summary with the rows written.
+    Returns what was scored: the rows written and the files skipped.
     """
     device = resolve_device(p.serve.device, "serve.device")
     package = options.get("package") or open_model(p, options.get("model"), device)
@@ -209,7 +233,7 @@ def score_images(
     out: Path,
     options: dict[str, Any],
     progress: bool = False,
-) -> dict[str, Any]:
+) -> ScoreSummary:
     """Score ``images`` ((image, its source root) pairs) with ``package`` into ``out``."""
     categories = _categories(images, package, options.get("category"))
     rows: list[dict[str, Any]] = []
@@ -229,7 +253,7 @@ def score_images(
         print(f"skipped: {message}")
     flagged = sum(r["decision"] == ANOMALOUS for r in rows)
     print(f"{len(rows)} image(s) scored ({flagged} anomalous), {len(skipped)} skipped → {out}/predictions.csv")
-    return {"scored": len(rows), "anomalous": flagged, "skipped": skipped, "rows": rows}
+    return ScoreSummary(rows=rows, skipped=skipped)
 
 
 def _score(p: Params, package: LoadedModel, loaded: list, out: Path, save_maps: str) -> list[dict[str, Any]]:

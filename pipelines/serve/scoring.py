@@ -80,14 +80,14 @@ def scoring_flow(
         summary = score_images(p, package, new, target, {"append": True})
         ledger = target / LEDGER_FILE
         old = ledger.read_text() if ledger.is_file() else ""
-        scored = {row["path"] for row in summary["rows"]}
+        scored = {row["path"] for row in summary.rows}
         lines = [
             json.dumps({"sha256": digests[img], "version": package.version, "path": str(img)})
             for img, _ in new
             if str(img) in scored
         ]
         atomic_write_text(ledger, old + "".join(line + "\n" for line in lines))
-        flagged = [r for r in summary["rows"] if r["decision"] == ANOMALOUS]
+        flagged = [r for r in summary.rows if r["decision"] == ANOMALOUS]
         table = [
             {
                 "image": r["path"],
@@ -101,9 +101,9 @@ def scoring_flow(
         create_table_artifact(
             table=table or [{"image": "none flagged", "category": "", "score": "", "threshold": "", "overlay": ""}],
             key=FLAGGED_KEY,
-            description=f"{len(flagged)} of {len(summary['rows'])} new image(s) flagged by {ref} ({package.version})",
+            description=f"{len(flagged)} of {summary.scored} new image(s) flagged by {ref} ({package.version})",
         )
-        return {"scored": summary["scored"], "flagged": len(flagged), "version": package.version}
+        return {"scored": summary.scored, "flagged": len(flagged), "version": package.version}
     finally:
         os.chdir(cwd)
 
