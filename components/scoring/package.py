@@ -161,10 +161,13 @@ class ModelPackage:
             for key in ("encoder_pretrained", "normalize"):
                 if key in data and not isinstance(data[key], bool):
                     raise PackageError(f"{where}: '{key}' must be true or false, got {data[key]!r}.")
-            return cls(**values)
         except PackageError:
             raise
         except (TypeError, ValueError) as err:
+            raise PackageError(f"{where}: {err}") from err
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as err:  # PackageError too: the cross-field checks
             raise PackageError(f"{where}: {err}") from err
 
     @classmethod
