@@ -307,6 +307,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow
 def test_run_left_running_by_a_killed_process_is_closed(workspace) -> None:
     import mlflow
     from mlflow import MlflowClient

@@ -73,6 +73,7 @@ def test_segmentation_loss_reaches_only_the_head(tiny: InpFormer) -> None:
             assert p.grad is None or p.grad.abs().sum() == 0, f"stop-gradient violated: {n}"
 
 
+@pytest.mark.slow  # builds the full ViT-B
 def test_vit_b_parameter_counts() -> None:
     model = InpFormer(InpFormerConfig("dinov2reg_vit_base_14", image_size=392, seg_head="onenip"))
     trunk = sum(p.numel() for p in model.trunk_parameters())

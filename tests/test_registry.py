@@ -68,6 +68,7 @@ def _aliases() -> dict[str, str]:
     return {k: str(v) for k, v in MlflowClient().get_registered_model("inpformer").aliases.items()}
 
 
+@pytest.mark.slow  # six registrations in a real MLflow store
 def test_registry_journey(registry) -> None:
     """First version without a metric, first real one, worse, another dataset, better, NaN."""
     scoped = "champion-synthetic-multi_class"
