@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["DownloadError", "EncoderWeightsError", "ExportParityError", "RuntimeMissingError"]
+__all__ = ["CheckpointError", "DownloadError", "EncoderWeightsError", "ExportParityError", "RuntimeMissingError"]
+
+
+class CheckpointError(ValueError):
+    """A model or checkpoint folder is incomplete or damaged; the message names the file and the fix."""
 
 
 class DownloadError(RuntimeError):

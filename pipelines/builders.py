@@ -77,6 +77,50 @@ def build_model(p: Params) -> InpFormer:
     return model
 
 
+GIB = 2**30
+MEMINFO = "/proc/meminfo"
+
+
+class MemoryEstimateError(ValueError):
+    """The work cannot fit in this machine's free memory; the message names the sizes to lower."""
+
+
+def free_memory_bytes(device: str) -> int | None:
+    """Free memory where ``device``'s tensors live: the GPU's free memory, else the OS's
+    ``MemAvailable``; None where neither can be read (the check is then skipped)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open(MEMINFO) as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(p: Params, model: InpFormer, batch: int, device: str, batch_key: str, training: bool) -> None:
+    """Refuse, before allocating, work whose estimated peak (:meth:`InpFormer.peak_memory_bytes`)
+    exceeds ``limits.memory_fraction`` of the free memory.
+
+    Raises:
+        MemoryEstimateError: naming the estimate, the free memory and the keys to lower.
+    """
+    need = model.peak_memory_bytes(batch, training)
+    free = free_memory_bytes(device)
+    if free is None or need <= free * p.limits.memory_fraction:
+        return
+    side = model.image_size[0]
+    msg = (
+        f"an estimated {need / GIB:.1f} GiB for {batch} image(s) of {side}x{side} px ({model.grid[0] * model.grid[1]} "
+        f"patches each, attention grows with their square) exceeds {p.limits.memory_fraction:.0%} of the "
+        f"{free / GIB:.1f} GiB free on {device}. Lower data.crop_size and data.image_size (the model's input) or "
+        f"{batch_key}, or use a larger machine (limits.memory_fraction sets the share)."
+    )
+    raise MemoryEstimateError(msg)
+
+
 def build_loss(p: Params) -> tuple[NormalPatternLoss, DiceLoss]:
     """L_npm and the Dice loss of the head."""
     lp = p.loss

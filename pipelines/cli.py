@@ -1,4 +1,4 @@
-"""``inpformer`` command line: prepare | synthesize | train | evaluate | predict | export | app | sweep |
+"""``inpformer`` command line: check | prepare | synthesize | train | evaluate | predict | export | app | sweep |
 pipeline | serve | serve-scoring.
 
 Every command accepts ``--params PATH`` (default params.yaml) and repeated ``--set KEY=VALUE``;
@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from components.constants import DATASET_KINDS
 from components.errors import DownloadError, EncoderWeightsError, ExportParityError, RuntimeMissingError
+from components.files import DiskFullError, LockedError, disk_full_message, is_disk_full
 from pipelines import stages
 from pipelines.config import ConfigError, Params, load_params
 from pipelines.errors import CommandFailed
@@ -35,12 +38,25 @@ USER_ERRORS = (
     CommandFailed,
     ExportParityError,
     RuntimeMissingError,
+    LockedError,
+    DiskFullError,
 )
 MODEL_HELP = (
     "a model folder, registry URI (models:/inpformer@champion) or exported .onnx/.pt "
     "(default: the workspace's only model)"
 )
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report it
+TERMINATED_EXIT = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Prefect, systemd, Kubernetes and `kill` send), handled like Ctrl-C: MLflow runs end
+    KILLED, temporary folders are removed, checkpoints are kept, the exit code is 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="inpformer", description="INP-Former++ anomaly detection pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="validate params.yaml (the first DVC stage: nothing else runs on bad params)")
+    _common(p)
     p = sub.add_parser("prepare", help="download/index a dataset into data/prepared/<name>/manifest.csv")
     _common(p)
     p.add_argument("--dataset", choices=(*DATASET_KINDS, "dtd"), help="dataset kind (default: data.dataset)")
@@ -153,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     progress = not args.no_progress and sys.stderr.isatty()
     warnings.filterwarnings("ignore", category=FutureWarning, module="mlflow")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _dispatch(args, params, progress)
     except USER_ERRORS as err:
@@ -160,12 +179,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        print(f"error: {disk_full_message(err.filename or '.', err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
         print(
-            f"\ninterrupted; rerun `inpformer {args.command}` to resume (finished outputs and checkpoints are kept).",
+            f"\n{what}; rerun `inpformer {args.command}` to resume (finished outputs and checkpoints are kept).",
             file=sys.stderr,
         )
-        return INTERRUPTED_EXIT
+        return TERMINATED_EXIT if isinstance(err, Terminated) else INTERRUPTED_EXIT
 
 
 def argv_without_nproc(argv: list[str]) -> list[str]:
@@ -190,7 +215,9 @@ def _torchrun(nproc: int, args: list[str]) -> int:
 
 
 def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
-    if args.command == "prepare":
+    if args.command == "check":
+        stages.check(params)
+    elif args.command == "prepare":
         stages.prepare(params, args.source, args.dataset, args.name)
     elif args.command == "synthesize":
         stages.synthesize(params, progress)

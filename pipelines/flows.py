@@ -42,7 +42,8 @@ from pipelines.tracking.guard import TRACKING_ROOT_ENV
 
 __all__ = ["NO_CHANGE", "STAGES", "changed_stages", "file_overrides", "pipeline", "serve", "sweep_flow"]
 
-STAGES = ("prepare", "synthesize", "train", "evaluate")
+CHECK_STAGE = "check"  # validates params.yaml first: bad params stop the run before DVC removes outputs
+STAGES = (CHECK_STAGE, "prepare", "synthesize", "train", "evaluate")
 IO_STAGES = ("prepare", "synthesize")  # retried: downloads and file systems fail transiently
 IO_RETRY_DELAYS_S = [5, 30]
 METRIC_COLUMNS = METRIC_KEYS  # the metrics.json keys, in table order
@@ -102,7 +103,8 @@ def changed_stages(root: str) -> list[str]:
     with workspace_lock(Path(root)):
         status = json.loads(_command([_dvc(), "status", "--json"], Path(root)) or "{}")
     changed = {name.rsplit(":", 1)[-1] for name in status}
-    return [stage for stage in STAGES if stage in changed]
+    # `check` reruns on any params.yaml edit (tracking.* too) but changes no output: not a change of its own
+    return [stage for stage in STAGES if stage in changed and stage != CHECK_STAGE]
 
 
 def stage_task(stage: str):

@@ -18,12 +18,15 @@ __all__ = [
     "METRICS_DIR",
     "METRICS_FILE",
     "MODELS_DIR",
+    "PARAMS_CHECKED_FILE",
     "PIPELINE_RUN_FILE",
+    "SCORED_MODELS_DIR",
     "SOURCES_DIR",
     "SWEEP_DIR",
     "TRAIN_HISTORY_FILE",
     "TRAIN_METRICS_FILE",
     "TRAIN_SUMMARY_FILE",
+    "WORKSPACE_LOCK",
     "calibrated_package_dir",
     "confined",
     "in_workspace",
@@ -51,6 +54,9 @@ TRAIN_METRICS_FILE = METRICS_DIR / "train.json"  # per group: images, iterations
 TRAIN_HISTORY_FILE = METRICS_DIR / "train_history.csv"  # per-epoch mean losses and lr
 CURVES_DIR = METRICS_DIR / "curves"  # roc/, pr/, pro/: one CSV per category
 EVAL_RUN_FILE = ARTIFACTS / "eval_run.json"
+PARAMS_CHECKED_FILE = ARTIFACTS / "params.checked"  # the check stage's marker (constant content)
+WORKSPACE_LOCK = ARTIFACTS / ".lock"  # held by train and evaluate: one writer of models/eval at a time
+SCORED_MODELS_DIR = ARTIFACTS / ".eval-models.partial"  # evaluate's snapshot of the weights it scores
 PIPELINE_RUN_FILE = ARTIFACTS / "pipeline_run.json"  # the MLflow parent run of the latest execution
 SWEEP_DIR = ARTIFACTS / "sweep"
 SOURCES_DIR = Path("sources")  # a dependency of the prepare stage: source folders and archives go here

@@ -3,7 +3,8 @@
 params keys it reads (leaf keys; a whole section only where the stage reads the section whole);
 and dvc.lock matches the code.
 
-``tracking.*`` is never a stage param: where runs are recorded changes no output DVC versions.
+``tracking.*`` and ``limits.*`` are never stage params: where runs are recorded, and guards that only
+refuse or wait, change no output DVC versions. The ``check`` stage depends on params.yaml whole.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipelines.config import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {
+    "check": "pipelines/stages/check.py",
     "prepare": "pipelines/stages/prepare_data.py",
     "synthesize": "pipelines/stages/synthesis.py",
     "train": "pipelines/stages/training.py",
@@ -154,7 +156,7 @@ VARIANTS = {
     "validation_thresholds": ["eval.threshold.split=validation"],
     "zero_shot": ["setting.kind=zero_shot", "setting.zero_shot_source=artifacts/models/all"],
 }
-UNTRACKED_SECTIONS = ("tracking",)  # where runs are recorded: no DVC output depends on it
+UNTRACKED_SECTIONS = ("tracking", "limits")  # where runs go; guards that only refuse: no output depends on them
 WHOLE_PARAMS_USES = ("model_dump",)  # p.model_dump(): the DDP consistency check and the checkpoint folder name
 
 

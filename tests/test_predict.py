@@ -72,7 +72,7 @@ def test_predict_writes_rows_and_overlays_per_category(scored_workspace) -> None
     for r in rows:
         original = Image.open(r["path"])
         assert Image.open(r["overlay"]).size == original.size  # the original pixel frame
-    amap = np.load(scored_workspace / "out" / "maps" / "a" / "line1" / "0.npy")
+    amap = np.load(scored_workspace / "out" / "maps" / "a" / "line1" / "0.png.npy")
     assert amap.shape == (70, 90) and np.isfinite(amap).any() and np.isnan(amap).any()
 
 

@@ -6,6 +6,8 @@ Policy for unusual but valid inputs (documented in the README):
   (PIL's own conversion would clip every value above 255 to white);
 * masks: any mode, multi-channel masks take the channel max, values > half of the mask's dtype
   range (> 127 for 8 bit; > 0.5 for masks saved as 0/1) count as anomalous.
+* images are turned upright by their EXIF orientation (a phone JPEG with Orientation=6 is scored as
+  it is shown, and its maps and overlays are in that frame); masks are read as stored.
 Corrupt, truncated and empty files, and images over PIL's decompression-bomb limit, raise
 :class:`ImageReadError` naming the file.
 """
@@ -17,9 +19,18 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "image_mode", "is_image_file", "read_mask", "read_rgb"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageReadError",
+    "decode_rgb",
+    "image_mode",
+    "is_image_file",
+    "read_mask",
+    "read_rgb",
+    "upright",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -84,7 +95,21 @@ def _to_uint8_grey(img: Image.Image, path: Path) -> np.ndarray:
 def read_rgb(path: str | os.PathLike) -> Image.Image:
     """Read any supported image as an 8-bit RGB PIL image (see module policy)."""
     path = Path(path)
-    return _as_rgb(_open(path), path)
+    return _as_rgb(upright(_open(path)), path)
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 = stored upright
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` as it is displayed: rotated/flipped by its EXIF orientation (unchanged without one)."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError):  # unreadable EXIF: the pixels as stored
+        return img
+    if orientation in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def decode_rgb(data: bytes, name: str = "image") -> Image.Image:
@@ -102,7 +127,7 @@ def decode_rgb(data: bytes, name: str = "image") -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         msg = f"{name}: not a readable image file (PNG, JPEG, BMP, TIFF, WebP): {type(err).__name__}."
         raise ImageReadError(msg) from err
-    return _as_rgb(img, Path(name))
+    return _as_rgb(upright(img), Path(name))
 
 
 def _as_rgb(img: Image.Image, path: Path) -> Image.Image:

@@ -24,21 +24,28 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
-import struct
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.files import DEFAULT_DIR_MODE, atomic_write_text, current_umask, file_digest
+from components.engine.rng import rng_state, set_rng_state
+from components.engine.weights_file import check_weights, structure_problem, weights_metadata
+from components.errors import CheckpointError
+from components.files import DEFAULT_DIR_MODE, atomic_write_text, current_umask, disk_full_as_error, file_digest
 from components.model import InpFormer
-from components.scoring.package import LEGACY_CONFIG_FILE, PACKAGE_FILE, ModelPackage, read_package, write_package
+from components.scoring.package import (
+    DEFAULT_MAX_SIDE,
+    LEGACY_CONFIG_FILE,
+    PACKAGE_FILE,
+    ModelPackage,
+    read_package,
+    write_package,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +72,6 @@ DIGEST_FILE = "digest.json"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_FILES = (WEIGHTS_FILE, PACKAGE_FILE)
 TRAIN_FILES = (*MODEL_FILES, "train_state.safetensors", "train_state.json")
-HEADER_LENGTH_BYTES = 8  # a safetensors file starts with the little-endian u64 length of its JSON header
-
-
-class CheckpointError(ValueError):
-    """A model or checkpoint folder is incomplete or damaged; the message names the file and the fix."""
 
 
 def write_digest(folder: str | os.PathLike, files: tuple[str, ...]) -> None:
@@ -77,31 +79,6 @@ def write_digest(folder: str | os.PathLike, files: tuple[str, ...]) -> None:
     folder = Path(folder)
     entries = {f: {"size": (folder / f).stat().st_size, "sha256": file_digest(folder / f)} for f in files}
     atomic_write_text(folder / DIGEST_FILE, json.dumps(entries, indent=2, sort_keys=True))
-
-
-def _structure_problem(path: Path) -> str | None:
-    """Why ``path`` is not a whole safetensors/JSON file (None when it looks whole)."""
-    size = path.stat().st_size
-    if path.suffix == ".json":
-        try:
-            json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            return f"not valid JSON ({err})"
-        return None
-    with open(path, "rb") as fh:
-        head = fh.read(HEADER_LENGTH_BYTES)
-        if len(head) < HEADER_LENGTH_BYTES:
-            return f"{size} bytes, shorter than a safetensors header"
-        (n,) = struct.unpack("<Q", head)
-        if n > size - HEADER_LENGTH_BYTES:
-            return f"header length {n} exceeds the file size {size}"
-        try:
-            header = json.loads(fh.read(n))
-        except (ValueError, UnicodeDecodeError) as err:
-            return f"unreadable safetensors header ({err})"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    expected = HEADER_LENGTH_BYTES + n + max(ends, default=0)
-    return None if expected == size else f"{size} bytes, the header says {expected}"
 
 
 def checkpoint_problem(folder: str | os.PathLike, files: tuple[str, ...] = MODEL_FILES) -> str | None:
@@ -130,7 +107,7 @@ def checkpoint_problem(folder: str | os.PathLike, files: tuple[str, ...] = MODEL
                 return f"{folder / f} does not match the SHA-256 recorded when it was written"
         return None
     for f in files:
-        why = _structure_problem(folder / f)
+        why = structure_problem(folder / f)
         if why is not None:
             return f"{folder / f}: {why}"
     return None
@@ -142,13 +119,23 @@ def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_model(folder: str | os.PathLike, model: InpFormer, package: ModelPackage) -> Path:
     """Save ``model`` (state dict) and ``package`` (its provenance naming the weights' SHA-256) into
-    ``folder`` atomically; return it."""
+    ``folder`` atomically; return it.
+
+    Raises:
+        DiskFullError: no space left (one line naming the folder and the free space; nothing of the
+            new folder is left behind, the previous one is intact).
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    with disk_full_as_error(folder):
+        return _save_model(folder, model, package)
+
+
+def _save_model(folder: Path, model: InpFormer, package: ModelPackage) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     tmp.chmod(DEFAULT_DIR_MODE & ~current_umask())  # as a plain mkdir would (shared remotes)
     try:
-        save_file(_contiguous_cpu(model.state_dict()), str(tmp / WEIGHTS_FILE))
+        save_file(_contiguous_cpu(model.state_dict()), str(tmp / WEIGHTS_FILE), metadata=weights_metadata(package))
         provenance = replace(package.provenance, weights_sha256=file_digest(tmp / WEIGHTS_FILE))
         write_package(tmp, replace(package, provenance=provenance))
         write_digest(tmp, MODEL_FILES)
@@ -179,15 +166,20 @@ def repackage(folder: str | os.PathLike, package: ModelPackage) -> None:
     write_digest(folder, MODEL_FILES)
 
 
-def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[InpFormer, ModelPackage]:
+def load_model(
+    folder: str | os.PathLike, device: str | torch.device = "cpu", max_side: int = DEFAULT_MAX_SIDE
+) -> tuple[InpFormer, ModelPackage]:
     """Rebuild an :class:`~components.model.InpFormer` and its package from a folder written by
     :func:`save_model` (or an older one with ``config.json``).
 
     The network comes from the package's :class:`~components.model.InpFormerConfig` (the encoder's
     weights are in the file) and the flag saying whether the encoder was pretrained is restored.
+    A model folder is untrusted input: the package is read strictly (sizes at most ``max_side``),
+    and a package that contradicts the weights (architecture, shapes, input side) or a malformed
+    weights file raises :class:`CheckpointError` naming the file.
     """
     folder = Path(folder)
-    package = read_package(folder)
+    package = read_package(folder, max_side)
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
         msg = f"{weights_path} is missing: {folder} is not a complete model folder (re-run training)."
@@ -197,38 +189,23 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     if problem is not None:
         msg = f"{problem}: the model folder {folder} is damaged. Re-create it by training again (`dvc repro`)."
         raise CheckpointError(msg)
-    model = InpFormer(package.model)
-    model.load_state_dict(load_file(str(weights_path)), strict=True)
+    check_weights(weights_path, package)
+    try:
+        model = InpFormer(package.model)
+    except (ValueError, KeyError, TypeError, RuntimeError, AssertionError) as err:
+        msg = f"{folder / PACKAGE_FILE}: its 'model' cannot be built ({type(err).__name__}: {err})."
+        raise CheckpointError(msg) from err
+    try:
+        model.load_state_dict(load_file(str(weights_path)), strict=True)
+    except Exception as err:  # safetensors' own error for shapes that contradict the offsets; torch's for mismatches
+        msg = (
+            f"{weights_path}: the weights do not fit the architecture in {folder / PACKAGE_FILE} "
+            f"({type(err).__name__}: {str(err)[:300]}). Re-create the model folder by training again."
+        )
+        raise CheckpointError(msg) from err
     model.encoder.pretrained_loaded = package.encoder_pretrained
     model.encoder.weights_source = package.encoder_weights_source or "checkpoint"
     return model.to(device).eval(), package
-
-
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Capture torch (CPU and CUDA), numpy and Python RNG states as (tensors, JSON-able)."""
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    meta = {
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    return tensors, meta
-
-
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
-    p = meta["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
 
 
 def save_train_checkpoint(
@@ -239,10 +216,32 @@ def save_train_checkpoint(
     progress: dict[str, Any],
     keep: int = 1,
 ) -> Path:
-    """Write ``folder/ckpt-<iteration>`` (model, optimiser, RNG, progress) and point LATEST at it."""
+    """Write ``folder/ckpt-<iteration>`` (model, optimiser, RNG, progress) and point LATEST at it.
+
+    A failed write (a full disk: :class:`DiskFullError`) removes the new checkpoint; LATEST still
+    names the previous one, so a rerun resumes from there.
+    """
     folder = Path(folder)
     name = f"ckpt-{int(progress['global_iteration']):09d}"
     target = save_model(folder / name, model, package)
+    try:
+        with disk_full_as_error(target):
+            _save_train_state(target, optimizer, progress)
+            write_digest(target, TRAIN_FILES)
+            atomic_write_text(folder / "LATEST", name)
+    except BaseException:
+        if (folder / "LATEST").is_file() and (folder / "LATEST").read_text().strip() == name:
+            raise  # LATEST names it already: it is complete
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    old = sorted(p for p in folder.glob("ckpt-*") if p.is_dir() and p.name != name)
+    for p in old[: max(len(old) - (keep - 1), 0)]:
+        shutil.rmtree(p, ignore_errors=True)
+    return target
+
+
+def _save_train_state(target: Path, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
+    """``train_state.safetensors`` (optimiser tensors, RNG) and ``train_state.json``."""
     opt_tensors: dict[str, torch.Tensor] = {}
     opt_meta: dict[str, Any] = {"param_groups": [], "steps": {}}
     index = {id(p): i for i, p in enumerate(pp for g in optimizer.param_groups for pp in g["params"])}
@@ -259,12 +258,6 @@ def save_train_checkpoint(
     save_file(_contiguous_cpu({**opt_tensors, **rng_tensors}), str(target / "train_state.safetensors"))
     state = {"progress": progress, "optimizer": opt_meta, "rng": rng_meta}
     (target / "train_state.json").write_text(json.dumps(state, default=str))
-    write_digest(target, TRAIN_FILES)
-    atomic_write_text(folder / "LATEST", name)
-    old = sorted(p for p in folder.glob("ckpt-*") if p.is_dir() and p.name != name)
-    for p in old[: max(len(old) - (keep - 1), 0)]:
-        shutil.rmtree(p, ignore_errors=True)
-    return target
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:

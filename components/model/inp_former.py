@@ -63,6 +63,12 @@ def _check_groups(groups: Sequence[Sequence[int]], size: int, what: str) -> tupl
     return out
 
 
+FLOAT_BYTES = 4
+ATTENTION_COPIES = 2  # logits and softmax
+ACTIVATIONS_PER_LAYER = 12  # q, k, v, attention output, MLP hidden (×4), norms and residuals, per token and channel
+PARAM_COPIES_TRAINING = 4  # weights, gradients, two AdamW moments
+
+
 class InpFormer(nn.Module):
     """INP-Former with the optional INP-Former++ segmentation head.
 
@@ -134,6 +140,20 @@ class InpFormer(nn.Module):
     def config(self) -> InpFormerConfig:
         """The architecture of this model."""
         return self._config
+
+    def peak_memory_bytes(self, batch: int, training: bool = False) -> int:
+        """A coarse upper estimate of the activation memory of one forward (and backward when
+        ``training``) at ``batch`` images of this model's input size: attention matrices
+        (B·H·N² per layer alive at once, twice with softmax), token activations of every layer, and
+        the parameters. For refusing sizes that cannot fit before allocating, not for planning."""
+        tokens = self.grid[0] * self.grid[1] + self.encoder.num_prefix_tokens
+        dim, heads = self.encoder.embed_dim, self.encoder.num_heads
+        layers = self.encoder.depth + len(self.decoder) + len(self.aggregation)
+        attention = batch * heads * tokens * tokens * FLOAT_BYTES * ATTENTION_COPIES
+        kept = layers if training else 1  # autograd keeps every layer's activations; inference one at a time
+        activations = batch * tokens * dim * FLOAT_BYTES * ACTIVATIONS_PER_LAYER * kept
+        params = sum(p.numel() for p in self.parameters()) * FLOAT_BYTES * (PARAM_COPIES_TRAINING if training else 1)
+        return int(attention * kept + activations + params)
 
     # -- setup -----------------------------------------------------------------------------------
     def _init_trainable(self, std: float, bound: float) -> None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from components.errors import ExportParityError, RuntimeMissingError
+from components.files import disk_full_as_error
 from components.scoring.inference import ScoringConfig, score_batch
 
 __all__ = [
@@ -54,6 +55,28 @@ class ScoringModule(nn.Module):
         return score_batch(self.model, images, self.scoring)
 
 
+def check_external_data(graph: Any, path: Path) -> None:
+    """Every tensor an ONNX file keeps outside itself lies in the file's own folder (a model file is
+    untrusted input: ``location: ../../etc/shadow`` must not be read). Raises ValueError naming it."""
+    import onnx
+
+    folder = path.resolve().parent
+    tensors = list(graph.graph.initializer)
+    for node in graph.graph.node:
+        tensors += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            msg = (
+                f"{path}: tensor {tensor.name!r} points at external data {location!r} outside the model's folder "
+                f"{folder}; refusing to read it. Export the model again."
+            )
+            raise ValueError(msg)
+
+
 class Scorer:
     """Runs an exported artifact: ``scorer(images)`` → (maps B×R×R, scores B) as numpy float32.
 
@@ -68,7 +91,13 @@ class Scorer:
         if path.suffix == FORMATS["onnx"]:
             import onnx
 
-            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            try:
+                graph = onnx.load(str(path), load_external_data=False)
+            except Exception as err:  # protobuf's DecodeError and friends: not an ONNX file
+                msg = f"{path}: not a readable ONNX file ({type(err).__name__}); export it again."
+                raise ValueError(msg) from err
+            check_external_data(graph, path)
+            meta = {p.key: p.value for p in graph.metadata_props}
             if runtime == "openvino":
                 import openvino
 
@@ -90,7 +119,14 @@ class Scorer:
         if METADATA_KEY not in meta:
             msg = f"{path}: no '{METADATA_KEY}' metadata; export it with `inpformer export`."
             raise ValueError(msg)
-        self.metadata: dict[str, Any] = json.loads(meta[METADATA_KEY])
+        try:
+            self.metadata: dict[str, Any] = json.loads(meta[METADATA_KEY])
+        except (ValueError, RecursionError) as err:
+            msg = f"{path}: its '{METADATA_KEY}' metadata is not valid JSON ({err}); export it again."
+            raise ValueError(msg) from err
+        if not isinstance(self.metadata, dict):
+            msg = f"{path}: its '{METADATA_KEY}' metadata is not a JSON object; export it again."
+            raise ValueError(msg)
 
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """images B×3×C×C (normalised) → (maps B×R×R, scores B)."""
@@ -124,6 +160,25 @@ def export_model(
         raise RuntimeMissingError(msg)
     module = ScoringModule(model.eval(), scoring).eval()
     partial = target.with_name(target.name + ".partial")
+    try:
+        with disk_full_as_error(target):
+            _export(module, metadata, target, partial, example, opset, dynamic_batch)
+            partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # never a half-written file beside the target
+        raise
+    return target
+
+
+def _export(
+    module: nn.Module,
+    metadata: dict[str, Any],
+    target: Path,
+    partial: Path,
+    example: torch.Tensor,
+    opset: int,
+    dynamic_batch: bool,
+) -> None:
     text = json.dumps(metadata, sort_keys=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # sizes become constants: intended
@@ -157,8 +212,6 @@ def export_model(
             partial.unlink(missing_ok=True)
             msg = f"{target}: the export target must end in {' or '.join(FORMATS.values())}."
             raise ValueError(msg)
-    partial.replace(target)
-    return target
 
 
 def parity(

@@ -29,16 +29,23 @@ from components.files import atomic_write_text
 from components.model.config import InpFormerConfig
 from components.scoring.decision import CategoryThresholds, DecisionRule
 from components.scoring.inference import ScoringConfig
+from components.scoring.schema import DEFAULT_MAX_SIDE, PackageError, check_bounds, check_types
 
-__all__ = ["PACKAGE_FILE", "ModelPackage", "PackageError", "Provenance", "read_package", "write_package"]
+__all__ = [
+    "DEFAULT_MAX_SIDE",
+    "PACKAGE_FILE",
+    "ModelPackage",
+    "PackageError",
+    "Provenance",
+    "check_bounds",
+    "check_types",
+    "read_package",
+    "write_package",
+]
 
 PACKAGE_FILE = "package.json"
 SCHEMA = 1  # the layout of package.json; readers refuse newer ones
 LEGACY_CONFIG_FILE, LEGACY_SCORING_FILE = "config.json", "scoring.json"  # folders from before the package
-
-
-class PackageError(ValueError):
-    """A package JSON that cannot describe a model; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -131,13 +138,15 @@ class ModelPackage:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "package") -> ModelPackage:
-        """Inverse of :meth:`to_dict`. Raises :class:`PackageError` naming ``where`` and the key."""
+    def from_dict(cls, data: Any, where: str = "package", max_side: int = DEFAULT_MAX_SIDE) -> ModelPackage:
+        """Inverse of :meth:`to_dict`, strict: every key of its type (:func:`check_types`; ``"false"``
+        is not a bool), sizes bounded (:func:`check_bounds`). Raises :class:`PackageError` naming
+        ``where`` and the key."""
         if not isinstance(data, dict):
             raise PackageError(f"{where}: a model package is a JSON object, got {type(data).__name__}.")
         data = dict(data)
         schema = data.pop("schema", SCHEMA)
-        if schema != SCHEMA:
+        if isinstance(schema, bool) or schema != SCHEMA:
             raise PackageError(f"{where}: package schema {schema!r}; this inpformer reads schema {SCHEMA}.")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -148,36 +157,59 @@ class ModelPackage:
                 raise PackageError(f"{where}: the package has no '{key}'.")
         try:
             values = dict(data)
-            values["model"] = InpFormerConfig.from_dict(_object(data["model"], where, "model"))
+            values["model"] = InpFormerConfig.from_dict(_typed(InpFormerConfig, data["model"], where, "model"))
             values["resize"] = _integer(data["resize"], where, "resize")
             if data.get("scoring") is not None:
-                values["scoring"] = ScoringConfig.from_dict(_object(data["scoring"], where, "scoring"))
+                values["scoring"] = ScoringConfig.from_dict(_typed(ScoringConfig, data["scoring"], where, "scoring"))
             thresholds = _object(data.get("thresholds") or {}, where, "thresholds")
             values["thresholds"] = {
-                str(c): CategoryThresholds.from_dict(_object(t, where, f"thresholds.{c}"))
+                str(c): CategoryThresholds.from_dict(_typed(CategoryThresholds, t, where, f"thresholds.{c}"))
                 for c, t in thresholds.items()
             }
-            values["provenance"] = Provenance(**_object(data.get("provenance") or {}, where, "provenance"))
-            for key in ("encoder_pretrained", "normalize"):
-                if key in data and not isinstance(data[key], bool):
-                    raise PackageError(f"{where}: '{key}' must be true or false, got {data[key]!r}.")
+            provenance = _typed(Provenance, data.get("provenance") or {}, where, "provenance")
+            values["provenance"] = Provenance(**provenance)
+            top = {k: v for k, v in data.items() if k not in ("model", "scoring", "thresholds", "provenance")}
+            check_types(_PackageFields, top, where)
         except PackageError:
             raise
         except (TypeError, ValueError) as err:
             raise PackageError(f"{where}: {err}") from err
         try:
-            return cls(**values)
+            package = cls(**values)
         except (TypeError, ValueError) as err:  # PackageError too: the cross-field checks
             raise PackageError(f"{where}: {err}") from err
+        check_bounds(package, where, max_side)
+        return package
 
     @classmethod
-    def from_json(cls, text: str, where: str = "package") -> ModelPackage:
+    def from_json(cls, text: str, where: str = "package", max_side: int = DEFAULT_MAX_SIDE) -> ModelPackage:
         """The one reader of a package's JSON (see :meth:`from_dict`)."""
         try:
             data = json.loads(text)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise PackageError(f"{where}: not valid JSON ({err}).") from err
-        return cls.from_dict(data, where)
+        return cls.from_dict(data, where, max_side)
+
+
+@dataclass(frozen=True)
+class _PackageFields:
+    """The scalar fields of a package's JSON, typed as they must be written."""
+
+    categories: tuple[str, ...] = ()
+    group: str = ""
+    dataset: str = ""
+    setting: str = ""
+    encoder_pretrained: bool = False
+    encoder_weights_source: str = ""
+    normalize: bool = False
+    threshold_split: str = ""
+
+
+def _typed(cls: type, value: Any, where: str, key: str) -> dict[str, Any]:
+    """``value`` as a JSON object whose keys have ``cls``'s field types."""
+    data = _object(value, where, key)
+    check_types(cls, data, where, key + ".")
+    return data
 
 
 def _object(value: Any, where: str, key: str) -> dict[str, Any]:
@@ -204,7 +236,7 @@ def write_package(folder: str | os.PathLike, package: ModelPackage) -> Path:
     return path
 
 
-def read_package(folder: str | os.PathLike) -> ModelPackage:
+def read_package(folder: str | os.PathLike, max_side: int = DEFAULT_MAX_SIDE) -> ModelPackage:
     """The package of a model folder (``package.json``; older folders: ``config.json`` + ``scoring.json``).
 
     Raises:
@@ -214,25 +246,46 @@ def read_package(folder: str | os.PathLike) -> ModelPackage:
     folder = Path(folder)
     path = folder / PACKAGE_FILE
     if path.is_file():
-        return ModelPackage.from_json(path.read_text(), str(path))
+        return ModelPackage.from_json(_text(path), str(path), max_side)
     legacy = folder / LEGACY_CONFIG_FILE
     if not legacy.is_file():
         msg = f"{path} is missing: {folder} is not a model folder (re-run training)."
         raise FileNotFoundError(msg)
-    return ModelPackage.from_dict(_from_legacy(folder), str(legacy))
+    return ModelPackage.from_dict(_from_legacy(folder), str(legacy), max_side)
+
+
+MAX_PACKAGE_BYTES = 16 * 2**20  # a package is a few KiB; more is not a package
+
+
+def _text(path: Path) -> str:
+    if path.stat().st_size > MAX_PACKAGE_BYTES:
+        raise PackageError(f"{path}: {path.stat().st_size} bytes, not a model package (at most {MAX_PACKAGE_BYTES}).")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PackageError(f"{path}: not UTF-8 text ({err}).") from err
 
 
 def _from_legacy(folder: Path) -> dict[str, Any]:
     """A package dict from a pre-package folder's ``config.json`` (and ``scoring.json`` if registered)."""
-    config = _object(json.loads((folder / LEGACY_CONFIG_FILE).read_text()), str(folder), LEGACY_CONFIG_FILE)
+    config = _object(_json(folder / LEGACY_CONFIG_FILE), str(folder), LEGACY_CONFIG_FILE)
     data: dict[str, Any] = {"model": config.get("model"), "resize": config.get("image_size")}
     for key in ("group", "dataset", "setting", "encoder_pretrained", "encoder_weights_source", "categories"):
         if key in config:
             data[key] = config[key]
     scoring_file = folder / LEGACY_SCORING_FILE
     if scoring_file.is_file():
-        settings = _object(json.loads(scoring_file.read_text()), str(scoring_file), LEGACY_SCORING_FILE)
+        settings = _object(_json(scoring_file), str(scoring_file), LEGACY_SCORING_FILE)
         for key in ("scoring", "thresholds", "normalize", "threshold_split"):
             if key in settings:
                 data[key] = settings[key]
     return data
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(_text(path))
+    except (ValueError, RecursionError) as err:
+        if isinstance(err, PackageError):
+            raise
+        raise PackageError(f"{path}: not valid JSON ({err}).") from err

@@ -45,3 +45,8 @@ class ServeParams(StrictParams):
     port: int = Field(7860, ge=1, le=65535)
     model: str = ""  # default model of predict/app/scoring ('' : the workspace's only model)
     watch_out: str = "artifacts/scoring"  # where serve-scoring writes predictions and overlays
+    allowed_hosts: list[str] = Field(default_factory=list)  # app: Host names answered besides the bound host/loopback
+    max_upload_mb: float = Field(
+        50.0, gt=0
+    )  # app: largest request body (checked from Content-Length and while reading)
+    max_concurrent: int = Field(2, ge=1)  # app: images scored at once; more requests get 503 at once

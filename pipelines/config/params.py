@@ -196,6 +196,7 @@ class EvalParams(StrictParams):
     batch_size: int = Field(16, ge=1)
     plots: bool = True
     grid_images: int = Field(8, ge=0)
+    allow_untested: bool = False  # categories without test images: error (false), or reported and never promoted
     threshold: ThresholdParams = Field(default_factory=ThresholdParams)
 
 
@@ -237,6 +238,19 @@ class SweepParams(StrictParams):
     )
 
 
+class LimitsParams(StrictParams):
+    """Guards that only refuse or wait (no output depends on them: never a DVC stage param)."""
+
+    lock_wait_s: float = Field(0.0, ge=0)  # a second writer of the workspace / an --out waits this long, then fails
+    max_model_side: int = Field(2048, ge=14)  # model files may not ask for a larger input side (memory bound)
+    memory_fraction: float = Field(
+        0.9, gt=0, le=1
+    )  # refuse work whose estimated peak exceeds this share of free memory
+    allow_stale_thresholds: bool = (
+        False  # predict/app/scoring: warn (true) instead of refusing thresholds of other weights
+    )
+
+
 class Params(StrictParams):
     """The whole of params.yaml."""
 
@@ -252,6 +266,7 @@ class Params(StrictParams):
     sweep: SweepParams = Field(default_factory=SweepParams)
     export: ExportParams = Field(default_factory=ExportParams)
     serve: ServeParams = Field(default_factory=ServeParams)
+    limits: LimitsParams = Field(default_factory=LimitsParams)
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -9,39 +9,49 @@ thresholded mask); optionally the raw map as ``.npy`` (NaN outside what the mode
   package the evaluate stage calibrated, ``artifacts/eval/packages/<group>/package.json``), a registry
   URI (``models:/inpformer@champion``: the package registered with it) or an exported file (the
   package in its metadata). Every one is read by :func:`components.scoring.package.read_package`.
-* Category: ``--category``, else the first folder of the image's path that names one of the model's
-  categories, else the model's only category; an unknown category is an error.
+* Category: ``--category``, else the nearest folder of the image's (absolute) path that names one of
+  the model's categories, else the model's only category; an unknown category is an error.
+* Outputs keep each image's path below its source (extension included: ``a/x.jpg`` →
+  ``overlays/a/x.jpg.png``), so two images never share an overlay. CSV cells that begin with
+  ``= + - @``, tab or CR get a leading ``'`` (OWASP), so a spreadsheet shows a file name, never runs it.
+* One writer per output folder; a run is staged and moved into place when complete.
 * Folders are searched recursively; masks under ``ground_truth/`` (MVTec layout) are not scored.
 * Bad files (corrupt, empty, not an image, too many pixels) are reported and skipped, never fatal.
 """
 
 from __future__ import annotations
 
-import base64
-import csv
 import glob
-import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from components.data.io import ImageReadError, is_image_file, read_rgb
 from components.engine.checkpoint import DIGEST_FILE, WEIGHTS_FILE, load_model
-from components.files import atomic_write_text, file_digest
+from components.files import DiskFullError, disk_full_message, exclusive_lock, file_digest, is_disk_full
 from components.scoring.decision import ANOMALOUS
 from components.scoring.export import FORMATS, load_exported
 from components.scoring.package import LEGACY_SCORING_FILE, PACKAGE_FILE, ModelPackage, read_package
-from components.scoring.scorer import LoadedModel, encode_map_png, overlay_for, score_pil, torch_scorer
-from pipelines.builders import build_scoring, resolve_device
+from components.scoring.scorer import LoadedModel, overlay_for, score_pil, torch_scorer
+from pipelines.builders import build_scoring, check_memory, resolve_device
 from pipelines.config import Params
 from pipelines.paths import MODELS_DIR, calibrated_package_dir
+from pipelines.serve.outputs import (
+    LOCK_FILE,
+    MAPS,
+    OVERLAYS,
+    STAGING_PREFIX,
+    output_names,
+    publish,
+    save_map,
+)
 from pipelines.tracking.guard import tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -58,7 +68,6 @@ __all__ = [
     "score_pil",
 ]
 
-CSV_COLUMNS = ("path", "category", "score", "threshold", "decision", "model", "version")
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 MASK_FOLDER = "ground_truth"  # masks of an MVTec-layout tree: not images to score
 
@@ -85,17 +94,22 @@ class ScoreSummary:
 def collect_images(sources: list[str], limit: int | None = None) -> list[tuple[Path, Path]]:
     """(image, the source it came from) for files, folders (recursive) and globs, sorted, at most ``limit``."""
     found: list[tuple[Path, Path]] = []
+    seen: set[Path] = set()
     for source in sources:
         matches = [Path(m) for m in sorted(glob.glob(source, recursive=True))] or [Path(source)]  # noqa: PTH207 (absolute globs)
         for m in matches:
             if m.is_dir():
                 files = (f for f in sorted(m.rglob("*")) if f.is_file() and is_image_file(f))
-                found += [(f, m) for f in files if MASK_FOLDER not in f.relative_to(m).parts]
+                pairs = [(f, m) for f in files if MASK_FOLDER not in f.relative_to(m).parts]
             elif m.is_file():
-                found.append((m, m.parent))
+                pairs = [(m, m.parent)]
             else:
                 msg = f"{source}: no such file, folder or matching glob."
                 raise FileNotFoundError(msg)
+            for image, root in pairs:  # a file named twice (a folder and a glob in it) is scored once
+                if image.resolve() not in seen:
+                    seen.add(image.resolve())
+                    found.append((image, root))
     if not found:
         msg = f"no image files in {', '.join(sources)} (extensions: png, jpg, jpeg, bmp, tif, tiff, webp)."
         raise FileNotFoundError(msg)
@@ -156,7 +170,7 @@ def open_model(p: Params, ref: str | None, device: str) -> LoadedModel:
         if "package" not in meta:
             msg = f"{ref}: exported before model packages (no 'package' in its metadata); export it again."
             raise ValueError(msg)
-        package = ModelPackage.from_dict(meta["package"], f"{ref} (metadata 'package')")
+        package = ModelPackage.from_dict(meta["package"], f"{ref} (metadata 'package')", p.limits.max_model_side)
         return LoadedModel(scorer, package, ref, str(meta.get("version", "exported")))
     with tempfile.TemporaryDirectory(prefix="inpformer-model-") as tmp:
         if ref.startswith(REGISTRY_SCHEMES):
@@ -166,36 +180,49 @@ def open_model(p: Params, ref: str | None, device: str) -> LoadedModel:
             if not folder.is_dir():
                 msg = f"{ref}: not a model folder, registry URI (models:/…, runs:/…) or .onnx/.pt file."
                 raise FileNotFoundError(msg)
-        model, package = load_model(folder, device)
+        model, package = load_model(folder, device, p.limits.max_model_side)
+        check_memory(p, model, p.serve.batch_size, device, "serve.batch_size", training=False)
         version = version or _weights_id(folder)
+        weights = file_digest(folder / WEIGHTS_FILE)  # the bytes loaded, whatever the package claims
     if not package.calibrated:
-        package = _calibrated(p, package, model.seg_head is not None)
+        package = _calibrated(p, package, model.seg_head is not None, weights)
     return LoadedModel(torch_scorer(model, package.scoring, device), package, ref, version, model)
 
 
-def _calibrated(p: Params, package: ModelPackage, has_head: bool) -> ModelPackage:
+def _calibrated(p: Params, package: ModelPackage, has_head: bool, weights: str) -> ModelPackage:
     """A workspace model's package as the evaluate stage calibrated it; else scoring from params.yaml
-    and no thresholds (decisions ``unknown``)."""
+    and no thresholds (decisions ``unknown``).
+
+    Raises:
+        StaleThresholdsError: the calibrated package names other weights than the model's
+            (``limits.allow_stale_thresholds``: a loud warning instead).
+    """
     folder = calibrated_package_dir(package.group)
     if not (folder / PACKAGE_FILE).is_file():
         return package.calibrate(build_scoring(p, has_head), {}, normalize=p.eval.threshold.normalize)
     calibrated = read_package(folder)
-    ours, theirs = package.provenance.weights_sha256, calibrated.provenance.weights_sha256
-    if ours and theirs and ours != theirs:
-        logger.warning(
-            "%s was calibrated for other weights (%s…, the model has %s…): re-run `inpformer evaluate`.",
-            folder / PACKAGE_FILE,
-            theirs[:12],
-            ours[:12],
+    ours, theirs = weights, calibrated.provenance.weights_sha256
+    if ours != theirs:
+        msg = (
+            f"{folder / PACKAGE_FILE} holds thresholds calibrated for other weights ({theirs[:12] or 'unrecorded'}…; "
+            f"the model has {ours[:12] or 'unrecorded'}…): the model was trained again after the last evaluation. "
+            "Run `inpformer evaluate` (or `dvc repro`) to calibrate these weights"
         )
+        if not p.limits.allow_stale_thresholds:
+            raise StaleThresholdsError(msg + " (limits.allow_stale_thresholds=true only warns).")
+        logger.warning("%s. Deciding with them anyway (limits.allow_stale_thresholds=true).", msg)
     return calibrated
+
+
+class StaleThresholdsError(ValueError):
+    """The calibrated package in the workspace describes other weights than the model folder holds."""
 
 
 def _categories(images: list[tuple[Path, Path]], package: LoadedModel, forced: str | None) -> list[str]:
     """Each image's category (see the module docstring); one error listing the images without one."""
     out, unknown = [], []
-    for image, root in images:
-        parts = [*image.relative_to(root).parts[:-1], root.resolve().name]
+    for image, _ in images:
+        parts = reversed(image.resolve().parts[:-1])  # the nearest folder first, up to the root
         category = forced or next((c for c in parts if c in package.categories), "")
         if not category and len(package.categories) == 1:
             category = package.categories[0]
@@ -234,21 +261,30 @@ def score_images(
     options: dict[str, Any],
     progress: bool = False,
 ) -> ScoreSummary:
-    """Score ``images`` ((image, its source root) pairs) with ``package`` into ``out``."""
+    """Score ``images`` ((image, its source root) pairs) with ``package`` into ``out``.
+
+    One writer at a time per ``out`` (a lock; a second waits ``limits.lock_wait_s``, then fails naming
+    the holder). Everything is written into a staging folder inside ``out`` and moved into place at
+    the end, so an interrupted or failed run (a full disk) leaves ``out`` as it was: every row of
+    ``predictions.csv`` always matches its overlay. ``options["append"]``: add to the tables instead
+    of replacing them (and their overlays).
+    """
     categories = _categories(images, package, options.get("category"))
-    rows: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    size = p.serve.batch_size
-    for start in tqdm(range(0, len(images), size), desc="predict", disable=not progress, unit="batch"):
-        loaded = []
-        for (image, root), category in zip(images[start : start + size], categories[start : start + size]):
-            try:
-                loaded.append((image, root, category, read_rgb(image)))
-            except ImageReadError as err:
-                skipped.append(str(err))
-        if loaded:
-            rows += _score(p, package, loaded, out, options.get("save_maps") or "")
-    _write_tables(out, rows, append=bool(options.get("append")))
+    names = output_names(images)
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out / LOCK_FILE, f"the output folder {out}", p.limits.lock_wait_s):
+        for stale in out.glob(f"{STAGING_PREFIX}*"):  # left by a killed run (its lock is gone with it)
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=out, prefix=STAGING_PREFIX))
+        try:
+            rows, skipped = _score_all(p, package, images, categories, names, staging, options, progress)
+            publish(out, staging, rows, bool(options.get("append")))
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFullError(err.errno, disk_full_message(out, err)) from err
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     for message in skipped:
         print(f"skipped: {message}")
     flagged = sum(r["decision"] == ANOMALOUS for r in rows)
@@ -256,16 +292,42 @@ def score_images(
     return ScoreSummary(rows=rows, skipped=skipped)
 
 
-def _score(p: Params, package: LoadedModel, loaded: list, out: Path, save_maps: str) -> list[dict[str, Any]]:
+def _score_all(
+    p: Params,
+    package: LoadedModel,
+    images: list[tuple[Path, Path]],
+    categories: list[str],
+    names: list[Path],
+    staging: Path,
+    options: dict[str, Any],
+    progress: bool,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    size = p.serve.batch_size
+    for start in tqdm(range(0, len(images), size), desc="predict", disable=not progress, unit="batch"):
+        loaded = []
+        batch = zip(images[start : start + size], categories[start : start + size], names[start : start + size])
+        for (image, _), category, name in batch:
+            try:
+                loaded.append((image, name, category, read_rgb(image)))
+            except ImageReadError as err:
+                skipped.append(str(err))
+        if loaded:
+            rows += _score(p, package, loaded, staging, options.get("save_maps") or "")
+    return rows, skipped
+
+
+def _score(p: Params, package: LoadedModel, loaded: list, staging: Path, save_maps: str) -> list[dict[str, Any]]:
+    """Score one batch; overlays (and maps) into ``staging``; rows name their final place."""
     results = score_pil(package, [img for *_, img in loaded], [c for _, _, c, _ in loaded])
     rows = []
-    for (image, root, category, img), res in zip(loaded, results):
-        rel = Path(image.relative_to(root))
-        target = out / "overlays" / rel.with_suffix(".png")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        overlay_for(package, img, category, res["map"], p.serve.heat_scale).save(target)
+    for (image, name, category, img), res in zip(loaded, results):
+        overlay = Path(OVERLAYS) / f"{name}.png"
+        (staging / overlay).parent.mkdir(parents=True, exist_ok=True)
+        overlay_for(package, img, category, res["map"], p.serve.heat_scale).save(staging / overlay)
         if save_maps:
-            _save_map(out / "maps" / rel, res["map"], save_maps)
+            save_map(staging / MAPS / name, res["map"], save_maps)
         rows.append(
             {
                 "path": str(image),
@@ -275,33 +337,7 @@ def _score(p: Params, package: LoadedModel, loaded: list, out: Path, save_maps: 
                 "decision": res["decision"],
                 "model": package.label,
                 "version": package.version,
-                "overlay": str(target),
+                "overlay": str(overlay),  # relative to the staging folder until publish() places it
             }
         )
     return rows
-
-
-def _save_map(stem: Path, full: np.ndarray, kind: str) -> None:
-    """``npy``: float32 with NaN outside the crop; ``png16``: 16-bit PNG (0 outside the crop), value v
-    meaning ``v / 65535 * scale`` with ``scale`` in the PNG's text chunk (:func:`encode_map_png`)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "npy":
-        buffer = io.BytesIO()
-        np.save(buffer, full)
-        stem.with_suffix(".npy").write_bytes(buffer.getvalue())
-    else:
-        stem.with_suffix(".png").write_bytes(base64.b64decode(encode_map_png(full)[0]))
-
-
-def _write_tables(out: Path, rows: list[dict[str, Any]], append: bool = False) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    csv_file, jsonl_file = out / "predictions.csv", out / "predictions.jsonl"
-    old_csv = csv_file.read_text() if append and csv_file.is_file() else ""
-    old_jsonl = jsonl_file.read_text() if append and jsonl_file.is_file() else ""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*CSV_COLUMNS, "overlay"])
-    if not old_csv:
-        writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(csv_file, old_csv + buffer.getvalue())
-    atomic_write_text(jsonl_file, old_jsonl + "".join(json.dumps(r) + "\n" for r in rows))

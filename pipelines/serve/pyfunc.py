@@ -32,7 +32,8 @@ import pandas as pd
 from PIL import Image
 
 from components.data.io import decode_rgb
-from components.engine.checkpoint import load_model
+from components.engine.checkpoint import WEIGHTS_FILE, load_model
+from components.files import file_digest
 from components.scoring.decision import ANOMALOUS
 from components.scoring.scorer import LoadedModel, encode_map_png, score_pil, torch_scorer
 
@@ -131,10 +132,19 @@ class InpFormerPyfunc(mlflow.pyfunc.PythonModel):
     """pyfunc: images (base64 files, pixel arrays) → per-category scores and decisions (see module)."""
 
     def load_context(self, context):
-        """Load the model folder and its calibrated package (``package.json`` inside it)."""
-        model, package = load_model(Path(context.artifacts["model"]))
+        """Load the model folder and its calibrated package (``package.json`` inside it); refuse a
+        package whose thresholds were calibrated for other weights than the folder holds."""
+        folder = Path(context.artifacts["model"])
+        model, package = load_model(folder)
         if package.scoring is None:
-            msg = f"{context.artifacts['model']}: the registered package is not calibrated (no scoring settings)."
+            msg = f"{folder}: the registered package is not calibrated (no scoring settings)."
+            raise ValueError(msg)
+        held, described = file_digest(folder / WEIGHTS_FILE), package.provenance.weights_sha256
+        if described and held != described:
+            msg = (
+                f"{folder}: its package was calibrated for weights {described[:12]}…, the folder holds "
+                f"{held[:12]}…: this version's thresholds do not describe its weights. Register it again (evaluate)."
+            )
             raise ValueError(msg)
         self.package = LoadedModel(torch_scorer(model, package.scoring), package, "pyfunc", "", model)
 

@@ -1,4 +1,4 @@
-"""The pipeline stages behind ``inpformer prepare | synthesize | train | evaluate``, and what they share
+"""The pipeline stages behind ``inpformer check | prepare | synthesize | train | evaluate``, and what they share
 (records, training datasets, count tables).
 
 Each stage reads validated params, calls ``components``, writes its outputs atomically under
@@ -14,14 +14,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pipelines.stages.check import check
     from pipelines.stages.evaluation import evaluate
     from pipelines.stages.prepare_data import prepare
     from pipelines.stages.synthesis import synthesize
     from pipelines.stages.training import train
 
-__all__ = ["evaluate", "prepare", "synthesize", "train"]
+__all__ = ["check", "evaluate", "prepare", "synthesize", "train"]
 
-_MODULES = {"evaluate": "evaluation", "prepare": "prepare_data", "synthesize": "synthesis", "train": "training"}
+_MODULES = {
+    "check": "check",
+    "evaluate": "evaluation",
+    "prepare": "prepare_data",
+    "synthesize": "synthesis",
+    "train": "training",
+}
 
 
 def __getattr__(name: str) -> Any:

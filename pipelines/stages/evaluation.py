@@ -15,15 +15,14 @@ import numpy as np
 import pandas as pd
 
 from components.data.datasets import ImageDataset, Record
-from components.engine.checkpoint import load_model
 from components.evaluation.metrics import METRIC_KEYS, evaluate_arrays
 from components.evaluation.plots import curve_tables, plot_curves, plot_examples, plot_histogram
-from components.files import atomic_write_text
+from components.files import atomic_write_text, disk_full_as_error, exclusive_lock
 from components.model import InpFormer
 from components.scoring.decision import CategoryThresholds, calibrate
 from components.scoring.inference import InferenceResult, ScoringConfig, predict
 from components.scoring.package import ModelPackage, write_package
-from pipelines.builders import build_scoring, build_transform, resolve_device
+from pipelines.builders import build_scoring, build_transform, check_memory, resolve_device
 from pipelines.config import Params
 from pipelines.paths import (
     ARTIFACTS,
@@ -31,19 +30,23 @@ from pipelines.paths import (
     EVAL_DIR,
     EVAL_RUN_FILE,
     METRICS_FILE,
-    MODELS_DIR,
+    SCORED_MODELS_DIR,
+    WORKSPACE_LOCK,
     calibrated_package_dir,
     remove_tree,
 )
-from pipelines.stages.records import evaluation_records, load_records, manifest_hash
+from pipelines.stages.records import evaluation_records, load_records, manifest_hash, training_groups
 from pipelines.stages.reporting import markdown_table
+from pipelines.stages.scored_model import check_model_scope, snapshot_model, untested_categories
 from pipelines.tracking.guard import tracking_failed
 from pipelines.tracking.registry import log_and_register_model
 from pipelines.tracking.runs import active_run_id, log_pipeline_metrics, safe_metric_name, tracked_run
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "check_test_split", "evaluate", "model_package"]
+EVAL_STAGING = ARTIFACTS / ".eval.partial"  # the evaluation's outputs until complete
+
+__all__ = ["Evaluation", "check_model_scope", "check_test_split", "evaluate", "model_package", "untested_categories"]
 
 
 @dataclass
@@ -56,7 +59,13 @@ class Evaluation:
     scoring: dict[str, ScoringConfig] = field(default_factory=dict)  # group → how its maps were made
     pretrained: dict[str, bool] = field(default_factory=dict)  # group → encoder pretrained
     packages: dict[str, ModelPackage] = field(default_factory=dict)  # group → the package of the scored weights
+    model_dirs: dict[str, Path] = field(default_factory=dict)  # group → the snapshot scored (and registered)
+    untested: list[str] = field(default_factory=list)  # categories without test images (eval.allow_untested)
     f1: dict[str, tuple[float, float]] = field(default_factory=dict)  # category → F1 (image, pixel) thresholds
+
+    def weights(self, group: str) -> str:
+        """The SHA-256 of the weights scored for ``group`` (its snapshot's file)."""
+        return self.packages[group].provenance.weights_sha256
 
     def mean(self) -> dict[str, float]:
         """Mean over categories of each metric (NaN-skipping; NaN without categories)."""
@@ -66,28 +75,54 @@ class Evaluation:
 
 def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
     """Write ``metrics/metrics.json``, ``metrics/curves/`` and ``artifacts/eval/`` (CSV, Markdown,
-    thresholds, plots); log to MLflow and register the models."""
+    thresholds, plots); log to MLflow and register the models.
+
+    The record is bound to the weights: under the workspace lock (no train meanwhile) each model
+    folder is copied once; that copy is checked against the params and the manifest
+    (:func:`check_model_scope`), scored, and registered, and its SHA-256 is written into
+    ``metrics.json`` (``weights``), ``thresholds.json`` and the calibrated package.
+    """
+    with exclusive_lock(WORKSPACE_LOCK, "the workspace (artifacts/models, artifacts/eval)", p.limits.lock_wait_s):
+        try:
+            with disk_full_as_error(ARTIFACTS):
+                return _evaluate(p, progress)
+        finally:
+            remove_tree(SCORED_MODELS_DIR)
+            remove_tree(EVAL_STAGING)
+
+
+def _evaluate(p: Params, progress: bool) -> dict[str, Any]:
     device = resolve_device(p.train.device)
     tf = build_transform(p)
     records = load_records(p)
     test = evaluation_records(p, records)
     check_test_split(p, test)
     cats = list(dict.fromkeys(r.category for r in test))
-    staging = ARTIFACTS / ".eval.partial"
+    untested = untested_categories(p, records, cats)
+    staging = EVAL_STAGING
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "plots").mkdir(parents=True)
     (staging / "curves").mkdir()
     ev = Evaluation(groups={"all": cats} if p.setting.kind != "single_class" else {c: [c] for c in cats})
+    ev.untested = untested
+    expected = training_groups(p, records)
     for group, group_cats in ev.groups.items():
-        model, ev.packages[group] = _model_for(p, group, device)
+        model, ev.packages[group], ev.model_dirs[group] = snapshot_model(p, group, device)
+        check_memory(p, model, p.eval.batch_size, device, "eval.batch_size", training=False)
+        if p.setting.kind != "zero_shot":
+            check_model_scope(p, ev.packages[group], ev.model_dirs[group], expected.get(group, []))
         ev.scoring[group] = build_scoring(p, model.seg_head is not None)
         ev.pretrained[group] = ev.packages[group].encoder_pretrained
         for cat in group_cats:
             calib, scored = calibration_split(p, [r for r in test if r.category == cat])
             ds = ImageDataset(scored, tf)
             res = _evaluate_category(p, model, ev.scoring[group], ev, ds, device, staging / "plots", progress)
-            ev.thresholds[cat] = _thresholds(p, model, ev.scoring[group], calib, res, device, progress, ev.f1[cat])
-    metrics = {"mean": ev.mean(), "categories": ev.per_category}
+            found = _thresholds(p, model, ev.scoring[group], calib, res, device, progress, ev.f1[cat])
+            ev.thresholds[cat] = {**found, "weights_sha256": ev.weights(group)}
+    metrics: dict[str, Any] = {"mean": ev.mean(), "categories": ev.per_category}
+    metrics["weights"] = {g: ev.weights(g) for g in ev.groups}  # the SHA-256 of the weights scored, per group
+    if untested:
+        metrics["untested"] = untested
     _write_reports(staging, ev)
     for group in ev.groups:
         write_package(staging / calibrated_package_dir(group).relative_to(EVAL_DIR), model_package(p, ev, group))
@@ -170,16 +205,6 @@ def _replace(staged: Path, target: Path) -> None:
     staged.rename(target)
 
 
-def _model_for(p: Params, group: str, device: str) -> tuple[InpFormer, ModelPackage]:
-    if p.setting.kind != "zero_shot":
-        return load_model(MODELS_DIR / group, device)
-    src = Path(p.setting.zero_shot_source) if p.setting.zero_shot_source else None
-    if src is None or not src.is_dir():
-        msg = "setting.zero_shot_source must name a trained model folder (artifacts/models/all of the source dataset)."
-        raise FileNotFoundError(msg)
-    return load_model(src, device)
-
-
 def _evaluate_category(
     p: Params,
     model: InpFormer,
@@ -245,8 +270,11 @@ def _track(p: Params, ev: Evaluation) -> None:
                 gm = [ev.per_category[c]["mad"] for c in cats]
                 mad = float(np.nanmean(gm)) if gm else math.nan
                 package = model_package(p, ev, group)
+                promote = not ev.untested  # documented rule: a partly tested model never becomes champion
                 try:
-                    registry[group] = log_and_register_model(mlflow, p, MODELS_DIR / group, package, mad, group)
+                    registry[group] = log_and_register_model(
+                        mlflow, p, ev.model_dirs[group], package, mad, group, promote=promote
+                    )
                 except Exception as err:  # the metrics are written already: a registry error only warns
                     tracking_failed(p, f"registering the model of {group}", err)
                     registry[group] = {"error": f"{type(err).__name__}: {err}"}

@@ -15,7 +15,7 @@ from components.engine.checkpoint import save_model
 from components.engine.distributed import DistContext, check_same_config, init_from_env
 from components.engine.train_config import CheckpointSpec
 from components.engine.training import train as train_model
-from components.files import atomic_write_text
+from components.files import atomic_write_text, exclusive_lock
 from components.scoring.package import ModelPackage, Provenance
 from pipelines.builders import resolve_device
 from pipelines.config import Params
@@ -26,6 +26,7 @@ from pipelines.paths import (
     TRAIN_HISTORY_FILE,
     TRAIN_METRICS_FILE,
     TRAIN_SUMMARY_FILE,
+    WORKSPACE_LOCK,
     remove_tree,
 )
 from pipelines.stages.records import load_records, manifest_hash, training_groups
@@ -68,6 +69,12 @@ def train(p: Params, progress: bool = True, resume: bool = True) -> dict[str, An
         for group, recs in training_groups(p, records).items():
             train_group(p, group, recs, records, ARTIFACTS / ".models.partial" / group, False, resume, ctx)
         return {}
+    with exclusive_lock(WORKSPACE_LOCK, "the workspace (artifacts/models, artifacts/eval)", p.limits.lock_wait_s):
+        return _train_main(p, progress, resume, ctx)
+
+
+def _train_main(p: Params, progress: bool, resume: bool, ctx: DistContext) -> dict[str, Any]:
+    """Rank 0's training, under the workspace lock (no evaluate reads a half-replaced model)."""
     root = CHECKPOINTS_DIR / config_hash(p)
     parent = begin_pipeline_run(p, _run_record(root) if resume else "")  # evaluate logs under it too
     if parent:

@@ -28,6 +28,7 @@ from pipelines.builders import (
     build_synthesizer,
     build_train_config,
     build_transform,
+    check_memory,
     residual_mode,
 )
 from pipelines.config import Params
@@ -62,6 +63,7 @@ def assemble_training(
     cfg = replace(build_train_config(p, progress and ctx.main), parallel=ctx)
     if ctx.active and cfg.device.startswith("cuda"):
         cfg = replace(cfg, device=f"cuda:{ctx.local_rank}")
+    check_memory(p, model, p.train.batch_size, cfg.device, "train.batch_size", training=True)
     loss, dice = build_loss(p)
     if not ctx.main:
         ctx.barrier()  # rank 0 builds the encoder-feature cache first

@@ -6,16 +6,16 @@
   exited, the coordinator marks their trials still RUNNING as FAIL (with a FAILED MLflow child run)
   and runs the missing share itself, so ``--n-trials N`` ends with N finished trials.
 * Objective on a validation split (held-out training normals + drawn or real anomalies), never the
-  test set unless ``sweep.objective_split: test`` (the paper's protocol, with a warning).
-* Pruning from per-epoch reports (median) or per-category results (Wilcoxon).
+  test set unless ``sweep.objective_split: test`` (the paper's protocol, with a warning). Pruning
+  from per-epoch reports (median) or per-category results (Wilcoxon).
 * MLflow: a parent run per sweep and one nested run per trial (our own callback), across workers.
-* Each trial trains exactly what ``inpformer train`` trains (:mod:`pipelines.stages.training_data`).
-* optuna is imported at module top: this module is only imported by the sweep commands.
+  Each trial trains exactly what ``inpformer train`` trains (:mod:`pipelines.stages.training_data`);
+  optuna is imported at module top: only the sweep commands import this module.
 * Results: ``artifacts/sweep/best_params.yaml`` (the searched keys only, as ``KEY: value``), the
   ``dvc exp run -S`` command that applies them at full training length (``inpformer sweep
   --apply`` runs it: a DVC experiment, logged to MLflow and registered through the champion gate),
-  and PNGs of the optimisation history, parallel coordinates and parameter importances.
-* One progress line per finished trial."""
+  and PNGs of the optimisation history, parallel coordinates and parameter importances; one
+  progress line per finished trial."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from components.files import atomic_write_text
 from pipelines.config import Params, load_params
 from pipelines.paths import SWEEP_DIR, manifest_path, synth_index
 from pipelines.stages import prepare, synthesize
-from pipelines.sweep.command import worker_command
+from pipelines.sweep.command import WORKER_ENV, start_workers, stop_workers
 from pipelines.sweep.objective import SweepRun, build_objective, cached_validation_split
 from pipelines.tracking.runs import MlflowTrialCallback, active_run_id, tracked_run
 
@@ -63,7 +63,6 @@ __all__ = [
 
 BEST_PARAMS_FILE = SWEEP_DIR / "best_params.yaml"
 
-WORKER_ENV = "INPFORMER_SWEEP_WORKER"  # the worker's index (offsets the sampler seed)
 SWEEP_ID_ENV = "INPFORMER_SWEEP_ID"  # set in worker processes: this sweep's id (tags its trials)
 WORKER_ATTR = "worker"  # trial user attribute: "<sweep id>/<worker index>"
 ERROR_ATTR = "error"  # trial user attribute: the exception that failed it (absent: its process died)
@@ -187,7 +186,11 @@ def run_sweep(
             jobs = [(share, {**ids, WORKER_ENV: str(w)}) for w, share in enumerate(shares) if share]
             codes = run_on_pool(p.sweep.prefect_pool, os.getcwd(), jobs, run.params_path, run.overrides)
         else:
-            codes = _local_workers(run, shares, timeout, parent_id)
+            try:
+                codes = _local_workers(run, shares, timeout, parent_id)
+            except BaseException:  # SIGINT/SIGTERM: the workers are stopped; their trials fail now, not later
+                fail_lost_trials(p, sweep_id, parent_id)
+                raise
         if any(codes):
             logger.warning("sweep workers exited with %s", codes)
         lost = fail_lost_trials(p, sweep_id, parent_id)
@@ -209,17 +212,18 @@ def run_sweep(
 
 
 def _local_workers(run: SweepRun, shares: list[int], timeout: float | None, parent_id: str) -> list[int]:
-    """Shares 1… as worker processes, share 0 in this one; the workers' exit codes."""
+    """Shares 1… as worker processes (:func:`start_workers`), share 0 in this one; the workers' exit codes."""
     threads = str(max(1, (os.cpu_count() or 2) // len(shares)))
-    procs = []
-    for worker, share in enumerate(shares[1:], start=1):
-        if share:
-            env = dict(os.environ, **{PARENT_ENV: parent_id, WORKER_ENV: str(worker), "OMP_NUM_THREADS": threads})
-            procs.append(subprocess.Popen(worker_command(run.params_path, run.overrides, share), env=env))
-    if len(shares) > 1:
-        torch.set_num_threads(int(threads))
-    run_worker(run, shares[0], timeout, parent_id)
-    return [proc.wait() for proc in procs]
+    env = {PARENT_ENV: parent_id, "OMP_NUM_THREADS": threads}
+    procs = start_workers(run.params_path, run.overrides, shares, env, run.params.sweep.grace_s)
+    try:
+        if len(shares) > 1:
+            torch.set_num_threads(int(threads))
+        run_worker(run, shares[0], timeout, parent_id)
+        return [proc.wait() for proc in procs]
+    except BaseException:
+        stop_workers(procs, run.params.sweep.grace_s)
+        raise
 
 
 def _trials_of(study: optuna.Study, sweep_id: str) -> list[optuna.trial.FrozenTrial]:

@@ -163,12 +163,14 @@ def _input_example(categories: list[str]) -> Any:
 
 
 def log_and_register_model(
-    mlflow: Any, p: Params, model_dir: Path, package: ModelPackage, mad: float, group: str
+    mlflow: Any, p: Params, model_dir: Path, package: ModelPackage, mad: float, group: str, promote: bool = True
 ) -> dict[str, Any]:
     """Log the pyfunc model under the active run, register a version (alias ``candidate``) and move
-    the scope's champion alias and ``champion`` when :func:`should_promote` says so.
+    the scope's champion alias and ``champion`` when :func:`should_promote` says so (never when
+    ``promote`` is false: e.g. categories without test images).
 
-    The registered package records the git commit and the library versions in its provenance.
+    ``model_dir`` must hold the bytes ``package`` describes (checked: :func:`repackage`). The
+    registered package records the git commit and the library versions in its provenance.
     """
     if not p.tracking.enabled or not p.tracking.log_model:
         return {}
@@ -189,10 +191,10 @@ def log_and_register_model(
     client.set_registered_model_alias(name, CANDIDATE, new)
     scoped = champion_alias(scope)
     previous = _tags_by_alias(client, name, scoped)
-    promoted = should_promote(previous, scope, mad)
+    promoted = promote and should_promote(previous, scope, mad)
     if promoted:
         client.set_registered_model_alias(name, scoped, new)
-    default = should_promote(_tags_by_alias(client, name, CHAMPION), scope, mad)
+    default = promote and should_promote(_tags_by_alias(client, name, CHAMPION), scope, mad)
     if default:
         client.set_registered_model_alias(name, CHAMPION, new)
     return {
