@@ -159,7 +159,18 @@ def build_train_config(p: Params, progress: bool = True) -> TrainConfig:
 
 def build_transform(p: Params) -> ImageTransform:
     """Resize → crop → normalise with the params' sizes."""
-    return ImageTransform(resize=p.data.image_size, crop=p.data.crop_size)
+    return ImageTransform(resize=p.data.image_size, crop=p.data.crop_size, geometry=geometry(p))
+
+
+USER_DATASETS = ("folder", "flat")  # your own photos: every pixel in view by default (data.geometry: auto)
+
+
+def geometry(p: Params) -> str:
+    """``data.geometry``, ``auto`` resolved: the paper's centre crop for the benchmark datasets (centred
+    objects), the whole image for your own (defects anywhere on the part)."""
+    if p.data.geometry != "auto":
+        return p.data.geometry
+    return "full" if p.data.dataset in USER_DATASETS else "center_crop"
 
 
 def build_synthesizer(p: Params) -> PseudoAnomalySynthesizer | None:

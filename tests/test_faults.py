@@ -344,13 +344,13 @@ def test_resumed_training_continues_its_mlflow_run(workspace, monkeypatch) -> No
     stages.synthesize(p, progress=False)
     real = training.train_model
 
-    def killed_after_two_epochs(model, dataset, cfg, npm, dice, checkpoints, on_epoch=None):
+    def killed_after_two_epochs(model, dataset, cfg, npm, dice, checkpoints, on_epoch=None, on_iteration=None):
         def epoch(m: dict) -> None:
             on_epoch(m)
             if m["epoch"] == 2:
                 raise KeyboardInterrupt
 
-        return real(model, dataset, cfg, npm, dice, checkpoints, on_epoch=epoch)
+        return real(model, dataset, cfg, npm, dice, checkpoints, on_epoch=epoch, on_iteration=on_iteration)
 
     monkeypatch.setattr(training, "train_model", killed_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):

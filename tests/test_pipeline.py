@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -113,10 +114,14 @@ def test_dvc_repro_writes_metrics_and_registers_champion(dvc_project) -> None:
         "pixel_aupro",
         "mad",
     }
-    assert set(metrics) == {"mean", "categories"}
+    assert set(metrics) == {"mean", "categories", "weights", "metric_set"}
     assert set(metrics["mean"]) == keys and set(metrics["categories"]) == {"brick", "washer"}
     for vals in metrics["categories"].values():
-        assert set(vals) == keys and all(0.0 <= v <= 1.0 for v in vals.values())
+        assert set(vals) == keys | {"mask_coverage", "masks_outside"}
+        assert all(0.0 <= vals[k] <= 1.0 for k in (*keys, "mask_coverage"))
+    weights = proj / "artifacts" / "models" / "all" / "model.safetensors"
+    assert metrics["weights"] == {"all": hashlib.sha256(weights.read_bytes()).hexdigest()}  # the bytes scored
+    assert metrics["metric_set"] == {"all": "image+pixel"}
     for kind, columns in (("roc", "fpr,tpr"), ("pr", "recall,precision"), ("pro", "fpr,pro")):
         for cat in ("brick", "washer"):
             assert (proj / "metrics" / "curves" / kind / f"{cat}.csv").read_text().startswith(columns)
@@ -217,7 +222,7 @@ def test_user_journey_repro_experiments_compare_sweep_survives(dvc_project) -> N
     assert "dvc exp run -n best -S loss.gamma=" in applied.stdout
 
     ran = _stage_runs(_run([dvc, "exp", "run", "-n", "m4", "-S", "model.num_prototypes=4"], proj, env).stdout)
-    assert ran == {"train", "evaluate"}
+    assert ran == {"check", "train", "evaluate"}  # check: params.yaml changed (cheap; outputs unchanged)
     _run([dvc, "exp", "run", "-n", "g1", "-S", "loss.gamma=1.0"], proj, env)
     assert sorted(p.name for p in (proj / "artifacts" / "sweep").iterdir()) == before  # the sweep survives
 

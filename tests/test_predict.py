@@ -12,6 +12,7 @@ import pytest
 from conftest import model_workspace
 from PIL import Image
 
+from components.data.transforms import ImageTransform
 from components.scoring.overlay import crop_box, map_to_original, mask_outline
 from pipelines.config import load_params
 
@@ -20,12 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_map_footprint_in_the_original_frame() -> None:
     # resize 64, crop 56: offset 4, so the crop covers [4/64, 60/64] of each side
-    assert crop_box((128, 64), 64, 56) == (8, 4, 120, 60)
-    full = map_to_original(np.ones((7, 7), np.float32), (128, 64), 64, 56)
+    tf = ImageTransform(64, 56)
+    assert crop_box((128, 64), tf) == (8, 4, 120, 60)
+    full = map_to_original(np.ones((7, 7), np.float32), (128, 64), tf)
     assert full.shape == (64, 128)
     assert np.isnan(full[:4]).all() and np.isnan(full[:, :8]).all() and np.isnan(full[60:]).all()
     assert np.allclose(full[4:60, 8:120], 1.0)
-    ramp = map_to_original(np.tile(np.arange(8, dtype=np.float32), (8, 1)), (80, 80), 80, 80)
+    ramp = map_to_original(np.tile(np.arange(8, dtype=np.float32), (8, 1)), (80, 80), ImageTransform(80, 80))
     assert np.all(np.diff(ramp[40]) >= 0) and ramp[40, 0] < ramp[40, -1]  # left stays left
 
 

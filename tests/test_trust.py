@@ -517,6 +517,38 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, monkeypatch, capsys) -> None:
     assert seen["run"] and _client().get_run(seen["run"]).info.status == "KILLED"
 
 
+@pytest.mark.slow
+def test_sigterm_during_evaluate_ends_its_runs_and_leaves_no_temporary_folder(workspace, monkeypatch, capsys) -> None:
+    import tempfile
+
+    from pipelines.tracking import registry
+
+    scratch = workspace / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    real = registry._save_pyfunc
+
+    def terminated_while_registering(*args, **kwargs):
+        real(*args, **kwargs)
+        assert list(scratch.glob("inpformer-model-*"))  # the registered copy is being written
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(registry, "_save_pyfunc", terminated_while_registering)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert _cli("evaluate", "--no-progress", *_sets()) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    assert list(scratch.iterdir()) == []  # no inpformer-model-*, no inpformer-log-*
+    assert not (workspace / "artifacts/.eval-models.partial").exists()
+    client = _client()
+    runs = client.search_runs([client.get_experiment_by_name("inpformer").experiment_id])
+    assert runs and all(r.info.status != "RUNNING" for r in runs)
+    assert any(r.info.status == "KILLED" and r.data.tags.get("stage") == "evaluate" for r in runs)
+    assert _versions() == []
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/status").read_text()

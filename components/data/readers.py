@@ -152,7 +152,8 @@ def flat_records(
 
     Without ``normal_test_dir`` a seeded ``test_ratio`` of the normal images becomes the normal
     test split. Masks are matched by stem (``<stem>.png`` or ``<stem>_mask.png``); without a mask
-    folder the anomalies are image-level only.
+    folder the anomalies are image-level only; with one, an anomalous image without its mask is
+    listed in ``report.missing_masks`` (the caller decides whether that is a problem).
     """
     report = report if report is not None else ScanReport()
     normal_dir = Path(normal_dir)
@@ -176,7 +177,7 @@ def flat_records(
         for img in list_images(Path(abnormal_dir), report):
             mask = _find_mask(Path(mask_dir), img.stem) if mask_dir else None
             if mask_dir and mask is None:
-                report.problems.append(f"{img}: no mask named {img.stem}.png or {img.stem}_mask.png in {mask_dir}")
+                report.missing_masks.append(f"{img}: no mask named {img.stem}.png or {img.stem}_mask.png in {mask_dir}")
             records.append(Record(str(img), category, "test", 1, str(mask or ""), "bad"))
     return records
 

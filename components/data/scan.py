@@ -38,6 +38,7 @@ class ScanReport:
     broken_links: list[str] = field(default_factory=list)  # loops and dangling links: skipped
     outside_links: list[str] = field(default_factory=list)  # links to files outside the dataset folder: used
     empty_masks: list[str] = field(default_factory=list)  # anomalous images whose mask marks nothing
+    missing_masks: list[str] = field(default_factory=list)  # anomalous images without a mask (image-level labels)
     root: Path | None = None  # the dataset folder (links leaving it are reported)
 
     def raise_if_problems(self, fix: str) -> None:

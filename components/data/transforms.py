@@ -1,9 +1,14 @@
-"""Image and mask transforms of the official code (method spec §2), sizes from params.
+"""Image and mask transforms of the official code (method spec §2), sizes from params, and the
+field of view (``geometry``) they give the model.
 
-Image: RGB → resize to (R, R) ignoring aspect ratio (bilinear, antialiased PIL) → [0, 1] tensor →
-centre crop C → ImageNet normalisation. Mask: the same resize (bilinear, so edges soften) → crop.
-Pseudo anomalies are blended on the un-normalised [0, 1] crop (spec §13.6), so the two halves are
-separate methods.
+``center_crop`` (the paper's): RGB → resize to (R, R) ignoring aspect ratio (bilinear, antialiased
+PIL) → [0, 1] tensor → centre crop C → ImageNet normalisation; the model sees the central C/R of
+each side. ``full``: resize the whole image to (C, C) (every pixel in view, the aspect ratio
+squashed). ``letterbox``: scale the longer side to C keeping the aspect ratio and pad the rest with
+the normalisation mean (neutral after normalising). Masks get the same geometry (bilinear, so edges
+soften; padding 0). Pseudo anomalies are blended on the un-normalised [0, 1] input (spec §13.6), so
+the two halves are separate methods. :meth:`ImageTransform.view` says which original pixels the
+model's input covers, so maps go back into each image's own frame.
 """
 
 from __future__ import annotations
@@ -15,36 +20,86 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform"]
+__all__ = ["GEOMETRIES", "IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform", "View"]
+
+GEOMETRIES = ("center_crop", "full", "letterbox")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class View:
+    """What the model's C×C input shows of an image: the original pixels ``source`` (left, top,
+    right, bottom) appear in the input's ``target`` box (left, top, right, bottom, input pixels)."""
+
+    source: tuple[int, int, int, int]
+    target: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
 class ImageTransform:
-    """Resize → crop → normalise (spec §2.1) with explicit sizes.
+    """Resize → crop → normalise (spec §2.1) with explicit sizes and field of view.
 
     Args:
-        resize: side of the square resize (448 officially).
-        crop: side of the centre crop (392 officially); must not exceed ``resize``.
+        resize: side of the square resize before the centre crop (448 officially; ``center_crop`` only).
+        crop: side of the model's input (392 officially); must not exceed ``resize``.
         mean, std: normalisation constants.
+        geometry: ``center_crop`` | ``full`` | ``letterbox`` (see the module docstring).
     """
 
     resize: int = 448
     crop: int = 392
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    geometry: str = "center_crop"
 
     def __post_init__(self) -> None:
         if self.crop > self.resize or self.crop < 1:
             msg = f"crop ({self.crop}) must be between 1 and resize ({self.resize})."
             raise ValueError(msg)
+        if self.geometry not in GEOMETRIES:
+            msg = f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}."
+            raise ValueError(msg)
+
+    def view(self, size: tuple[int, int]) -> View:
+        """Which original pixels of an image of ``size`` (W, H) the model's input holds, and where."""
+        w, h = size
+        c = self.crop
+        if self.geometry == "full":
+            return View((0, 0, w, h), (0, 0, c, c))
+        if self.geometry == "letterbox":
+            nw, nh = self._fitted(size)
+            left, top = (c - nw) // 2, (c - nh) // 2
+            return View((0, 0, w, h), (left, top, left + nw, top + nh))
+        offset = int(round((self.resize - c) / 2.0))  # torchvision's centre crop
+        box = (offset * w / self.resize, offset * h / self.resize, (offset + c) * w / self.resize, (offset + c) * h / self.resize)
+        return View(tuple(int(round(v)) for v in box), (0, 0, c, c))  # type: ignore[arg-type]
+
+    def _fitted(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of an image of ``size`` scaled so that its longer side is the input side."""
+        w, h = size
+        scale = self.crop / max(w, h)
+        return max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+
+    def _geometric(self, img: Image.Image, fill: tuple[float, ...]) -> torch.Tensor:
+        """PIL image → tensor in [0, 1] of the model's input side, by this geometry (``fill``: padding)."""
+        c = self.crop
+        if self.geometry == "full":
+            return TF.to_tensor(TF.resize(img, [c, c], interpolation=InterpolationMode.BILINEAR))
+        if self.geometry == "letterbox":
+            nw, nh = self._fitted(img.size)
+            inner = TF.to_tensor(TF.resize(img, [nh, nw], interpolation=InterpolationMode.BILINEAR))
+            out = torch.tensor(fill, dtype=inner.dtype).view(-1, 1, 1).expand(inner.shape[0], c, c).clone()
+            left, top = (c - nw) // 2, (c - nh) // 2
+            out[:, top : top + nh, left : left + nw] = inner
+            return out
+        img = TF.resize(img, [self.resize, self.resize], interpolation=InterpolationMode.BILINEAR)
+        return TF.center_crop(TF.to_tensor(img), [c, c])
 
     def to_unit(self, img: Image.Image) -> torch.Tensor:
-        """RGB PIL image → 3×C×C float tensor in [0, 1] (resize + crop, no normalisation)."""
-        img = TF.resize(img, [self.resize, self.resize], interpolation=InterpolationMode.BILINEAR)
-        return TF.center_crop(TF.to_tensor(img), [self.crop, self.crop])
+        """RGB PIL image → 3×C×C float tensor in [0, 1] (the geometry, no normalisation)."""
+        return self._geometric(img, self.mean)
 
     def normalize(self, unit: torch.Tensor) -> torch.Tensor:
         """[0, 1] image tensor → ImageNet-normalised tensor."""
@@ -58,8 +113,7 @@ class ImageTransform:
         """'L' mask (or None for normal images) → 1×C×C tensor in [0, 1] (soft edges, spec §2.2)."""
         if mask is None:
             return torch.zeros(1, self.crop, self.crop)
-        mask = TF.resize(mask, [self.resize, self.resize], interpolation=InterpolationMode.BILINEAR)
-        return TF.center_crop(TF.to_tensor(mask), [self.crop, self.crop])
+        return self._geometric(mask, (0.0,))
 
     def denormalize(self, image: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`normalize` (for plots): 3×H×W → [0, 1]."""

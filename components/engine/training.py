@@ -86,6 +86,7 @@ class _Phase:
     step: Any = None  # the DDP-wrapped loss module under DDP (None: step_losses directly)
     sampler: EpochSampler | None = None  # one sampler and loader per phase (persistent workers)
     loader: DataLoader | None = None
+    total_iterations: int = 0  # of all phases (progress and ETA)
 
     @property
     def joint(self) -> bool:
@@ -179,6 +180,7 @@ def train(
             device=device,
             ctx=ctx,
         )
+        phase.total_iterations = sum(e for _, e in phases) * per_epoch  # all phases: what an ETA needs
         if ctx.active:
             phase.step = wrap_ddp(_StepLosses(phase), phase.device, ctx.local_rank)
         for epoch in range(state.epoch, epochs):
@@ -236,7 +238,8 @@ def run_epoch(
                 msg = f"loss became {logs['total']} at iteration {state.global_iteration}."
                 raise FloatingPointError(msg)
             if on_iteration is not None:
-                on_iteration({**logs, "iteration": state.global_iteration, "phase": phase.name})
+                total = phase.total_iterations
+                on_iteration({**logs, "iteration": state.global_iteration, "iterations": total, "phase": phase.name})
             bar.set_postfix(loss=f"{logs['total']:.4f}", lr=f"{logs['lr']:.2e}")
         if checkpoints and cfg.checkpoint_every and state.global_iteration % cfg.checkpoint_every == 0:
             _save(phase, state, checkpoints)

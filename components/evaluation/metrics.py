@@ -29,12 +29,16 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "IMAGE_KEYS",
     "METRIC_KEYS",
+    "METRIC_SETS",
+    "PIXEL_KEYS",
     "MetricWarning",
     "binned_pixel_metrics",
     "curve_points",
     "evaluate_arrays",
     "image_metrics",
+    "metric_set",
     "pixel_metrics",
     "region_weights",
 ]
@@ -306,6 +310,23 @@ def evaluate_arrays(
             if mode == "binned":
                 pix.update(binned_pixel_metrics(maps, gt, nbins, fpr_limit))
     out.update(pix)
-    vals = [out[k] for k in METRIC_KEYS[:-1]]
-    out["mad"] = float(np.mean(vals)) if all(np.isfinite(vals)) else math.nan
+    defined = metric_set(out)
+    out["mad"] = float(np.mean([out[k] for k in METRIC_SETS[defined]])) if defined else math.nan
     return out
+
+
+IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max")
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+# What an mAD averages: all seven (the paper's), or the image metrics of data labelled per image (no masks).
+METRIC_SETS = {"image+pixel": (*IMAGE_KEYS, *PIXEL_KEYS), "image": IMAGE_KEYS}
+
+
+def metric_set(values: dict[str, float]) -> str:
+    """``image+pixel`` when all seven metrics are defined, ``image`` when the image metrics are and no
+    pixel metric is (no masks), else ``""`` (mAD undefined). mADs compare only within one set."""
+    finite = {k: v is not None and math.isfinite(v) for k, v in values.items()}
+    if not all(finite.get(k, False) for k in IMAGE_KEYS):
+        return ""
+    if all(finite.get(k, False) for k in PIXEL_KEYS):
+        return "image+pixel"
+    return "image" if not any(finite.get(k, False) for k in PIXEL_KEYS) else ""

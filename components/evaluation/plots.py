@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from components.data import batch as keys
+from components.data.io import read_mask, read_rgb
 from components.evaluation.metrics import curve_points, region_weights
+from components.scoring.overlay import map_to_original
 
 if TYPE_CHECKING:
     from components.model import InpFormer
@@ -227,14 +229,16 @@ def plot_examples(
     idx = select_examples(result.labels, result.paths, n)
     vmin, vmax = float(np.percentile(result.maps, 1)), float(result.maps.max())
     size = result.maps.shape[-1]
-    images, masks, maps, atts = [], [], [], []
+    images, masks, maps, atts, inputs = [], [], [], [], []
     for i in idx:
         item = dataset[i]
         img = dataset.transform.denormalize(item[keys.IMAGE])
         small = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-        images.append(small.permute(1, 2, 0).numpy())
-        masks.append(result.masks[i] if result.masks is not None else None)
-        maps.append(result.maps[i])
+        inputs.append(small.permute(1, 2, 0).numpy())
+        image, mask, amap = _original_frame(dataset.records[i], result.maps[i], dataset.transform, size)
+        images.append(image)
+        masks.append(mask)
+        maps.append(amap)
         if len(atts) < ATTENTION_ROWS:
             with torch.no_grad():
                 out = model(item[keys.IMAGE][None].to(device), return_attention=True)
@@ -244,4 +248,17 @@ def plot_examples(
     titles = [Path(result.paths[i]).parent.name + "/" + Path(result.paths[i]).name for i in idx]
     out_dir = Path(out_dir)
     plot_map_grid(out_dir / f"{category}_maps.png", category, images, masks, maps, vmin, vmax, titles)
-    plot_attention(out_dir / f"{category}_inp_attention.png", category, images[: len(atts)], atts)
+    plot_attention(out_dir / f"{category}_inp_attention.png", category, inputs[: len(atts)], atts)
+
+
+def _original_frame(record: Any, amap: np.ndarray, transform: Any, side: int) -> tuple[np.ndarray, ...]:
+    """(image, ground truth, map) of one example in its own frame and aspect ratio, the longer side
+    ``side`` (the map NaN outside the model's field of view), for the grid."""
+    image = read_rgb(record.path)
+    scale = side / max(image.size)
+    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    full = map_to_original(amap, size, transform)
+    truth = np.zeros((size[1], size[0]), np.float32)
+    if record.mask_path:
+        truth = np.asarray(read_mask(record.mask_path).resize(size), np.float32) / 255.0
+    return np.asarray(image.resize(size), np.float32) / 255.0, truth, full

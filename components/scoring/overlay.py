@@ -1,9 +1,10 @@
 """Anomaly maps back in the original image's pixels, and overlays for people to look at.
 
-The model sees a centre crop (side ``crop``) of the image resized to ``resize``×``resize``
-(:class:`~components.data.transforms.ImageTransform`), so a map covers only that crop. It is put
-back into the original frame by scaling it onto the crop's footprint in the original image; pixels
-outside the footprint have no score (NaN).
+A map covers the model's input, which shows the part of the image its transform's geometry gives
+it (:meth:`~components.data.transforms.ImageTransform.view`: the centre crop's footprint, the
+whole image, or the whole image letterboxed). It is put back into the original frame by taking the
+map's part that shows the image and scaling it onto the original pixels it shows; pixels outside
+the model's view have no score (NaN).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from PIL import Image
 
+from components.data.transforms import ImageTransform
+
 __all__ = ["crop_box", "map_to_original", "mask_outline", "render_overlay"]
 
 HEAT_ALPHA = 0.45  # weight of the heat colour over the image
@@ -21,22 +24,22 @@ OUTLINE_RGB = (255, 255, 255)
 HEAT_COLORMAP = "jet"
 
 
-def crop_box(size: tuple[int, int], resize: int, crop: int) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) in original pixels of what the model saw of an image of ``size`` (W, H)."""
-    w, h = size
-    offset = int(round((resize - crop) / 2.0))  # torchvision's centre crop
-    left, right = offset * w / resize, (offset + crop) * w / resize
-    top, bottom = offset * h / resize, (offset + crop) * h / resize
-    return round(left), round(top), round(right), round(bottom)
+def crop_box(size: tuple[int, int], transform: ImageTransform) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) in original pixels of what the model sees of an image of ``size`` (W, H)."""
+    return transform.view(size).source
 
 
-def map_to_original(amap: np.ndarray, size: tuple[int, int], resize: int, crop: int) -> np.ndarray:
-    """R×R map of the crop → H×W float32 map in the original frame (NaN outside the crop's footprint)."""
+def map_to_original(amap: np.ndarray, size: tuple[int, int], transform: ImageTransform) -> np.ndarray:
+    """R×R map of the model's input → H×W float32 map in the original frame (NaN outside its view)."""
     w, h = size
-    left, top, right, bottom = crop_box(size, resize, crop)
+    view = transform.view(size)
+    left, top, right, bottom = view.source
     out = np.full((h, w), np.nan, dtype=np.float32)
     if right > left and bottom > top:
-        t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
+        r = amap.shape[-1] / transform.crop  # map pixels per input pixel
+        tl, tt, tr, tb = (int(round(v * r)) for v in view.target)
+        part = np.ascontiguousarray(amap[tt : max(tb, tt + 1), tl : max(tr, tl + 1)], dtype=np.float32)
+        t = torch.from_numpy(part)[None, None]
         scaled = F.interpolate(t, size=(bottom - top, right - left), mode="bilinear", align_corners=False)
         out[top:bottom, left:right] = scaled[0, 0].numpy()
     return out

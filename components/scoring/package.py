@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from components.data.transforms import ImageTransform
+from components.data.transforms import GEOMETRIES, ImageTransform
 from components.files import atomic_write_text
 from components.model.config import InpFormerConfig
 from components.scoring.decision import CategoryThresholds, DecisionRule
@@ -69,7 +69,8 @@ class ModelPackage:
 
     Args:
         model: the architecture; its ``image_size`` is the centre-crop side.
-        resize: side of the square resize before the crop.
+        resize: side of the square resize before the crop (``center_crop`` geometry).
+        geometry: the model's field of view (:data:`~components.data.transforms.GEOMETRIES`).
         categories: the categories the model was trained on.
         group, dataset, setting: the training scope.
         encoder_pretrained, encoder_weights_source: whether (and from where) DINOv2 weights were loaded.
@@ -93,12 +94,15 @@ class ModelPackage:
     normalize: bool = False
     threshold_split: str = ""
     provenance: Provenance = field(default_factory=Provenance)
+    geometry: str = "center_crop"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "categories", tuple(str(c) for c in self.categories))
         if self.crop > self.resize:
             msg = f"the crop side {self.crop} exceeds the resize side {self.resize}."
             raise PackageError(msg)
+        if self.geometry not in GEOMETRIES:
+            raise PackageError(f"'geometry' must be one of {GEOMETRIES}, got {self.geometry!r}.")
 
     @property
     def crop(self) -> int:
@@ -113,7 +117,7 @@ class ModelPackage:
 
     def transform(self) -> ImageTransform:
         """The preprocessing of the model's images."""
-        return ImageTransform(resize=self.resize, crop=self.crop)
+        return ImageTransform(resize=self.resize, crop=self.crop, geometry=self.geometry)
 
     def rule(self, normalized: bool | None = None) -> DecisionRule:
         """The per-category decision rule (normalised as recorded unless ``normalized`` says otherwise)."""
@@ -169,7 +173,7 @@ class ModelPackage:
             provenance = _typed(Provenance, data.get("provenance") or {}, where, "provenance")
             values["provenance"] = Provenance(**provenance)
             top = {k: v for k, v in data.items() if k not in ("model", "scoring", "thresholds", "provenance")}
-            check_types(_PackageFields, top, where)
+            check_types(cls, top, where)  # the scalar fields, typed as the dataclass declares them
         except PackageError:
             raise
         except (TypeError, ValueError) as err:
@@ -189,20 +193,6 @@ class ModelPackage:
         except (ValueError, RecursionError) as err:
             raise PackageError(f"{where}: not valid JSON ({err}).") from err
         return cls.from_dict(data, where, max_side)
-
-
-@dataclass(frozen=True)
-class _PackageFields:
-    """The scalar fields of a package's JSON, typed as they must be written."""
-
-    categories: tuple[str, ...] = ()
-    group: str = ""
-    dataset: str = ""
-    setting: str = ""
-    encoder_pretrained: bool = False
-    encoder_weights_source: str = ""
-    normalize: bool = False
-    threshold_split: str = ""
 
 
 def _typed(cls: type, value: Any, where: str, key: str) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def score_pil(package: LoadedModel, images: list, categories: list[str]) -> list
     maps, scores = package.scorer(batch)
     out = []
     for img, category, amap, score in zip(images, categories, maps, scores.tolist()):
-        full = map_to_original(amap, img.size, package.transform.resize, package.transform.crop)
+        full = map_to_original(amap, img.size, package.transform)
         shown, threshold, decision = package.rule.image(category, float(score))
         out.append(
             {"map": full, "raw_score": float(score), "score": shown, "threshold": threshold, "decision": decision}

@@ -18,6 +18,7 @@ class ThresholdParams(StrictParams):
     validation_fraction: float = Field(0.3, gt=0, lt=1)  # split=validation: share of each category's test images
     fpr: float = Field(0.01, gt=0, lt=1)  # without anomalous calibration images: flag this share of normals
     normalize: bool = False  # report scores normalised so that 0.5 is every category's threshold
+    max_normal_flag: float = Field(0.5, gt=0, le=1)  # warn when a threshold flags more normal calibration images
     seed: Seed = 0
 
 

@@ -76,6 +76,9 @@ class DataParams(StrictParams):
     categories: list[str] = Field(default_factory=list)
     image_size: int = Field(448, ge=14)
     crop_size: int = Field(392, ge=14)
+    # the model's field of view: auto = center_crop (the paper's) for benchmark datasets, full for your own
+    geometry: Literal["auto", "center_crop", "full", "letterbox"] = "auto"
+    masks: Literal["required", "optional", "none"] = "optional"  # folder datasets: defect images without masks
     num_workers: int = Field(4, ge=0)
     cache: bool = True
     skip_bad: bool = False
@@ -174,7 +177,8 @@ class TrainParams(StrictParams):
     tf32: bool = False  # TF32 matmuls on Ampere and newer GPUs
     compile: bool = False  # torch.compile, eager again if compiling fails
     checkpoint_every: int = Field(1000, ge=0)
-    log_every: int = Field(1, ge=1)  # iterations between loss logs / NaN checks (a GPU sync each)
+    log_every: int = Field(1, ge=1)  # iterations between loss logs / NaN checks / MLflow step metrics (a GPU sync each)
+    progress_every_s: float = Field(30.0, gt=0)  # without a progress bar (dvc repro): a line this often
     keep_checkpoints: int = Field(2, ge=1)  # a damaged newest checkpoint falls back to an older one
     deterministic: bool = True
     feature_cache: bool = False  # cache the frozen encoder's outputs (fp16, memory-mapped) across epochs
@@ -197,6 +201,7 @@ class EvalParams(StrictParams):
     plots: bool = True
     grid_images: int = Field(8, ge=0)
     allow_untested: bool = False  # categories without test images: error (false), or reported and never promoted
+    min_mask_coverage: float = Field(0.95, ge=0, le=1)  # warn below this share of defect pixels in the field of view
     threshold: ThresholdParams = Field(default_factory=ThresholdParams)
 
 

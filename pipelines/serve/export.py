@@ -69,8 +69,9 @@ def export(p: Params, model_ref: str | None = None, out: str | None = None, prog
         "source": package.label,
         "preprocessing": {  # a reader's summary; the package below is what runtimes read
             "color": "RGB",
-            "resize": f"{t.resize}x{t.resize} bilinear",
-            "center_crop": t.crop,
+            "geometry": t.geometry,  # center_crop: resize then crop; full: resize to the input; letterbox: fit + pad
+            "resize": f"{t.resize}x{t.resize} bilinear" if t.geometry == "center_crop" else f"{t.crop} bilinear",
+            "input": t.crop,
             "scale": "1/255",
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),

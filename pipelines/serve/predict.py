@@ -2,22 +2,21 @@
 
 For every image: a row in ``predictions.csv`` and ``predictions.jsonl`` (path, category, score,
 the category's image threshold, decision, model) and an overlay PNG in the image's own pixel frame
-(heat map on a per-category scale of 0…2× the category's pixel threshold, and the outline of the
-thresholded mask); optionally the raw map as ``.npy`` (NaN outside what the model saw).
+(heat map on a per-category scale of 0…2× the category's pixel threshold, the thresholded mask's
+outline); optionally the raw map as ``.npy`` (NaN outside what the model saw).
 
 * Model: a workspace model folder (``artifacts/models/<group>``: scoring and thresholds from the
   package the evaluate stage calibrated, ``artifacts/eval/packages/<group>/package.json``), a registry
   URI (``models:/inpformer@champion``: the package registered with it) or an exported file (the
   package in its metadata). Every one is read by :func:`components.scoring.package.read_package`.
-* Category: ``--category``, else the nearest folder of the image's (absolute) path that names one of
-  the model's categories, else the model's only category; an unknown category is an error.
+* Category: ``--category``, else the nearest folder of the image's path named after one of the
+  model's categories, else the model's only category; an unknown category is an error.
 * Outputs keep each image's path below its source (extension included: ``a/x.jpg`` →
   ``overlays/a/x.jpg.png``), so two images never share an overlay. CSV cells that begin with
   ``= + - @``, tab or CR get a leading ``'`` (OWASP), so a spreadsheet shows a file name, never runs it.
-* One writer per output folder; a run is staged and moved into place when complete.
-* Folders are searched recursively; masks under ``ground_truth/`` (MVTec layout) are not scored.
-* Bad files (corrupt, empty, not an image, too many pixels) are reported and skipped, never fatal.
-"""
+* One writer per output folder; a run is staged and moved into place when complete. Folders are
+  searched recursively (masks under ``ground_truth/`` are not scored; other files are counted).
+* Bad files (corrupt, empty, not an image, too many pixels) are reported and skipped, never fatal."""
 
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from components.data.io import ImageReadError, is_image_file, read_rgb
+from components.data.io import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_rgb
 from components.engine.checkpoint import DIGEST_FILE, WEIGHTS_FILE, load_model
 from components.files import DiskFullError, disk_full_message, exclusive_lock, file_digest, is_disk_full
 from components.scoring.decision import ANOMALOUS
@@ -91,16 +90,21 @@ class ScoreSummary:
         return sum(r["decision"] == ANOMALOUS for r in self.rows)
 
 
-def collect_images(sources: list[str], limit: int | None = None) -> list[tuple[Path, Path]]:
-    """(image, the source it came from) for files, folders (recursive) and globs, sorted, at most ``limit``."""
+def collect_images(
+    sources: list[str], limit: int | None = None, ignored: list[Path] | None = None
+) -> list[tuple[Path, Path]]:
+    """(image, the source it came from) for files, folders (recursive) and globs, sorted, at most
+    ``limit``; files of a folder that are not images (``notes.txt``) are appended to ``ignored``."""
     found: list[tuple[Path, Path]] = []
     seen: set[Path] = set()
     for source in sources:
         matches = [Path(m) for m in sorted(glob.glob(source, recursive=True))] or [Path(source)]  # noqa: PTH207 (absolute globs)
         for m in matches:
             if m.is_dir():
-                files = (f for f in sorted(m.rglob("*")) if f.is_file() and is_image_file(f))
-                pairs = [(f, m) for f in files if MASK_FOLDER not in f.relative_to(m).parts]
+                files = [f for f in sorted(m.rglob("*")) if f.is_file() and MASK_FOLDER not in f.relative_to(m).parts]
+                pairs = [(f, m) for f in files if is_image_file(f)]
+                if ignored is not None:
+                    ignored += [f for f in files if not is_image_file(f)]
             elif m.is_file():
                 pairs = [(m, m.parent)]
             else:
@@ -111,7 +115,7 @@ def collect_images(sources: list[str], limit: int | None = None) -> list[tuple[P
                     seen.add(image.resolve())
                     found.append((image, root))
     if not found:
-        msg = f"no image files in {', '.join(sources)} (extensions: png, jpg, jpeg, bmp, tif, tiff, webp)."
+        msg = f"no image files in {', '.join(sources)} (extensions: {', '.join(IMAGE_EXTENSIONS)})."
         raise FileNotFoundError(msg)
     return found[:limit] if limit else found
 
@@ -249,7 +253,10 @@ def predict_images(
     package = options.get("package") or open_model(p, options.get("model"), device)
     if options.get("normalized"):
         package.rule.normalized = True
-    images = collect_images(sources, options.get("limit"))
+    ignored: list[Path] = []
+    images = collect_images(sources, options.get("limit"), ignored)
+    if ignored:
+        print(f"{len(ignored)} non-image file(s) ignored, e.g. {ignored[0]}")
     return score_images(p, package, images, Path(out), options, progress)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from components.data.datasets import ImageDataset, Record
-from components.evaluation.metrics import METRIC_KEYS, evaluate_arrays
+from components.evaluation.metrics import METRIC_KEYS, evaluate_arrays, metric_set
 from components.evaluation.plots import curve_tables, plot_curves, plot_examples, plot_histogram
 from components.files import atomic_write_text, disk_full_as_error, exclusive_lock
 from components.model import InpFormer
@@ -35,6 +35,7 @@ from pipelines.paths import (
     calibrated_package_dir,
     remove_tree,
 )
+from pipelines.stages.eval_checks import json_safe, pixel_known, pixel_truth, report_coverage, threshold_sanity
 from pipelines.stages.records import evaluation_records, load_records, manifest_hash, training_groups
 from pipelines.stages.reporting import markdown_table
 from pipelines.stages.scored_model import check_model_scope, snapshot_model, untested_categories
@@ -61,16 +62,28 @@ class Evaluation:
     packages: dict[str, ModelPackage] = field(default_factory=dict)  # group → the package of the scored weights
     model_dirs: dict[str, Path] = field(default_factory=dict)  # group → the snapshot scored (and registered)
     untested: list[str] = field(default_factory=list)  # categories without test images (eval.allow_untested)
+    pixel_known: set[str] = field(default_factory=set)  # test images with a pixel ground truth
     f1: dict[str, tuple[float, float]] = field(default_factory=dict)  # category → F1 (image, pixel) thresholds
 
     def weights(self, group: str) -> str:
         """The SHA-256 of the weights scored for ``group`` (its snapshot's file)."""
         return self.packages[group].provenance.weights_sha256
 
+    def metric_set(self, group: str) -> str:
+        """What the group's mAD averages: ``image+pixel`` or ``image`` when every category agrees, else ``""``."""
+        sets = {metric_set(self.per_category[c]) for c in self.groups[group]}
+        return sets.pop() if len(sets) == 1 else ""
+
     def mean(self) -> dict[str, float]:
         """Mean over categories of each metric (NaN-skipping; NaN without categories)."""
-        vals = self.per_category.values()
-        return {k: float(np.nanmean([v[k] for v in vals])) if vals else math.nan for k in METRIC_KEYS}
+        vals = list(self.per_category.values())
+        return {k: _nanmean([v[k] for v in vals]) for k in METRIC_KEYS}
+
+
+def _nanmean(values: list[float]) -> float:
+    """The mean of the finite values (NaN when there is none: undefined for every category)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
@@ -105,6 +118,7 @@ def _evaluate(p: Params, progress: bool) -> dict[str, Any]:
     (staging / "curves").mkdir()
     ev = Evaluation(groups={"all": cats} if p.setting.kind != "single_class" else {c: [c] for c in cats})
     ev.untested = untested
+    ev.pixel_known = pixel_known(test)
     expected = training_groups(p, records)
     for group, group_cats in ev.groups.items():
         model, ev.packages[group], ev.model_dirs[group] = snapshot_model(p, group, device)
@@ -114,12 +128,17 @@ def _evaluate(p: Params, progress: bool) -> dict[str, Any]:
         ev.scoring[group] = build_scoring(p, model.seg_head is not None)
         ev.pretrained[group] = ev.packages[group].encoder_pretrained
         for cat in group_cats:
-            calib, scored = calibration_split(p, [r for r in test if r.category == cat])
+            cat_test = [r for r in test if r.category == cat]
+            coverage = report_coverage(p, cat, cat_test, tf)
+            calib, scored = calibration_split(p, cat_test)
             ds = ImageDataset(scored, tf)
             res = _evaluate_category(p, model, ev.scoring[group], ev, ds, device, staging / "plots", progress)
-            found = _thresholds(p, model, ev.scoring[group], calib, res, device, progress, ev.f1[cat])
+            share = math.nan if coverage.share is None else coverage.share  # null in metrics.json: no masks
+            ev.per_category[cat].update(mask_coverage=share, masks_outside=float(coverage.outside))
+            found = _thresholds(p, model, ev.scoring[group], calib, res, device, progress, ev)
             ev.thresholds[cat] = {**found, "weights_sha256": ev.weights(group)}
     metrics: dict[str, Any] = {"mean": ev.mean(), "categories": ev.per_category}
+    metrics["metric_set"] = {g: ev.metric_set(g) for g in ev.groups}  # what each group's mAD averages
     metrics["weights"] = {g: ev.weights(g) for g in ev.groups}  # the SHA-256 of the weights scored, per group
     if untested:
         metrics["untested"] = untested
@@ -128,7 +147,7 @@ def _evaluate(p: Params, progress: bool) -> dict[str, Any]:
         write_package(staging / calibrated_package_dir(group).relative_to(EVAL_DIR), model_package(p, ev, group))
     _replace(staging / "curves", CURVES_DIR)
     _replace(staging, EVAL_DIR)
-    atomic_write_text(METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=True))
+    atomic_write_text(METRICS_FILE, json.dumps(json_safe(metrics), indent=2))  # undefined: null
     _track(p, ev)
     pretrained = all(ev.pretrained.values())
     print(markdown_table(ev.per_category, metrics["mean"]))
@@ -165,18 +184,21 @@ def _thresholds(
     res: InferenceResult,
     device: str,
     progress: bool,
-    f1: tuple[float, float],
+    ev: Evaluation,
 ) -> dict[str, Any]:
     """One category's thresholds from ``calib`` (held out), else from the scored images' ``res``
-    (whose F1-optimal thresholds ``f1`` the metrics already found)."""
-    where, known = "test", f1
+    (whose F1-optimal thresholds the metrics already found: ``ev.f1``)."""
+    cat = res.categories[0]
+    where, known = "test", ev.f1[cat]
     if calib:
         e, where, known = p.eval, "validation", None
         res = predict(model, ImageDataset(calib, build_transform(p)), scoring, e.batch_size, device, 0, progress)
     elif calib is not None:
         logger.warning("%s: too few test images to hold out; calibrating on the scored ones.", res.categories[:1])
-    masks = res.masks if res.masks is not None and res.masks.any() else None
-    found = calibrate(res.scores, res.labels, res.maps, masks, p.eval.threshold.fpr, known).to_dict()
+    maps, masks = pixel_truth(res, ev.pixel_known)
+    maps = res.maps if masks is None else maps  # without pixel truth: the normal images' pixel quantile
+    found = calibrate(res.scores, res.labels, maps, masks, p.eval.threshold.fpr, known).to_dict()
+    threshold_sanity(p, cat, res.scores, res.labels, found["image_threshold"])
     return {**found, "rule": f"{found['rule']}@{where}"}
 
 
@@ -220,8 +242,7 @@ def _evaluate_category(
     cat = recs[0].category
     e = p.eval
     res = predict(model, ds, scoring, e.batch_size, device, p.data.num_workers, progress)
-    has_masks = res.masks is not None and any(r.mask_path for r in recs)
-    maps, masks = (res.maps, res.masks) if has_masks else (None, None)
+    maps, masks = pixel_truth(res, pixel_known(recs))  # images labelled without a mask: no pixel truth
     m = evaluate_arrays(res.scores, res.labels, maps, masks, e.metrics_mode, e.fpr_limit)
     ev.per_category[cat] = {k: m[k] for k in METRIC_KEYS}
     ev.f1[cat] = (m["image_threshold"], m["pixel_threshold"])
@@ -273,7 +294,7 @@ def _track(p: Params, ev: Evaluation) -> None:
                 promote = not ev.untested  # documented rule: a partly tested model never becomes champion
                 try:
                     registry[group] = log_and_register_model(
-                        mlflow, p, ev.model_dirs[group], package, mad, group, promote=promote
+                        mlflow, p, ev.model_dirs[group], package, mad, group, promote, ev.metric_set(group)
                     )
                 except Exception as err:  # the metrics are written already: a registry error only warns
                     tracking_failed(p, f"registering the model of {group}", err)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from components.data.datasets import Record, write_manifest
@@ -47,13 +48,13 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
             SOURCES_DIR,
         )
     report = ScanReport()
-    records = _scan(p, kind, name, source, report)
+    records = _masks_as_configured(p, kind, _scan(p, kind, name, source, report))
     _check_category_names(records)
-    raw_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out even when the images stay where they are
-    if kind in LOCAL_KINDS:
-        atomic_write_text(raw_dir(name) / "SOURCE.txt", f"{kind}: {relative_to(source, Path.cwd())}\n")
     records = validate_records(records, report, skip_bad=p.data.skip_bad, progress=False)
     report.raise_if_problems(SKIP_BAD_ADVICE)
+    raw_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out even when the images stay where they are
+    if kind in LOCAL_KINDS:  # written only once the data checked out: a failed prepare leaves nothing
+        atomic_write_text(raw_dir(name) / "SOURCE.txt", f"{kind}: {relative_to(source, Path.cwd())}\n")
     _write(name, records, report.empty_masks)
     print(f"Prepared '{name}' ({kind}) → {manifest_path(name)}")
     print(format_table(count_table(records, report.empty_masks)))
@@ -83,7 +84,10 @@ def _scan(p: Params, kind: str, name: str, source: str, report: ScanReport) -> l
         msg = f"data.dataset={kind} needs --from <folder with {layout}> (or data.source)."
         raise ValueError(msg)
     if kind == "flat":
-        return _flat(Path(source), name, p.seed, report)
+        records = _flat(Path(source), name, p.seed, report)
+        if p.data.masks == "required":
+            report.problems += report.missing_masks
+        return records
     root = (
         Path(source)
         if kind == "folder"
@@ -93,7 +97,25 @@ def _scan(p: Params, kind: str, name: str, source: str, report: ScanReport) -> l
         jsons = root / "realiad_jsons" / "realiad_jsons"
         return realiad_records(root / "realiad_1024", jsons, p.data.categories or None, report)
     order = MVTEC_CATEGORIES if kind == "mvtec" else DATASET_SOURCES.get(kind, {}).get("order", ())
-    return mvtec_records(root, p.data.categories or None, order=order, report=report)
+    strict = p.data.masks == "required" or kind not in LOCAL_KINDS  # benchmark datasets ship every mask
+    return mvtec_records(root, p.data.categories or None, order=order, require_masks=strict, report=report)
+
+
+def _masks_as_configured(p: Params, kind: str, records: list[Record]) -> list[Record]:
+    """Your own datasets (folder, flat) per ``data.masks``: ``none`` drops the masks (image-level
+    labels only); ``optional`` keeps defect images without a mask, counted in a notice."""
+    if kind not in LOCAL_KINDS:
+        return records
+    if p.data.masks == "none":
+        return [replace(r, mask_path="") for r in records]
+    unmasked = [r for r in records if r.label == 1 and not r.mask_path]
+    if unmasked:
+        print(
+            f"{len(unmasked)} of {sum(r.label == 1 for r in records)} anomalous image(s) have no mask "
+            f"(data.masks={p.data.masks}): they count in the image metrics; pixel metrics come from the images "
+            f"with masks (none: null in metrics.json). E.g. {unmasked[0].path}"
+        )
+    return records
 
 
 def _check_category_names(records: list[Record]) -> None:

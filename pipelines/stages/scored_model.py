@@ -81,10 +81,11 @@ def untested_categories(p: Params, records: list[Record], tested: list[str]) -> 
     """Categories of the data without test images: an error unless ``eval.allow_untested``; then
     they are reported (``untested`` in metrics.json) and their group is registered but never
     promoted (its mean covers only some of its categories)."""
+    allowed = p.eval.allow_untested
     if p.setting.kind == "zero_shot":
         return []
     missing = sorted({r.category for r in records} - set(tested))
-    if missing and not p.eval.allow_untested:
+    if missing and not allowed:
         msg = (
             f"categories {missing} of data.name={p.data.name} have no test images: their metrics would be "
             "silently missing from the means and the promotion. Add test images (<category>/test/...), leave "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,10 @@ from components.engine.checkpoint import save_model
 from components.engine.distributed import DistContext, check_same_config, init_from_env
 from components.engine.train_config import CheckpointSpec
 from components.engine.training import train as train_model
+from components.evaluation.coverage import mask_coverage
 from components.files import atomic_write_text, exclusive_lock
 from components.scoring.package import ModelPackage, Provenance
-from pipelines.builders import resolve_device
+from pipelines.builders import build_transform, geometry, resolve_device
 from pipelines.config import Params
 from pipelines.paths import (
     ARTIFACTS,
@@ -109,6 +111,38 @@ def _write_summaries(summary: dict[str, Any], history: list[dict[str, Any]]) -> 
     atomic_write_text(TRAIN_HISTORY_FILE, pd.DataFrame(history).to_csv(index=False) if history else "epoch\n")
 
 
+class IterationLog:
+    """Training that talks while it runs: MLflow step metrics (``train_iter_*``) every
+    ``train.log_every`` iterations, and, without a progress bar (``dvc repro``, Prefect), one line
+    every ``every_s`` seconds: iteration, rate, ETA and the running loss."""
+
+    def __init__(self, group: str, mlflow: Any, every_s: float, quiet: bool) -> None:
+        self.group, self.mlflow, self.every_s, self.quiet = group, mlflow, every_s, quiet
+        self.start: tuple[float, int] | None = None
+        self.last = 0.0
+
+    def __call__(self, logs: dict[str, Any]) -> None:
+        it, total = int(logs["iteration"]), int(logs["iterations"])
+        self.mlflow.log_metrics({f"train_iter_{k}": float(v) for k, v in logs.items() if k in LOSS_LOGS}, step=it)
+        now = time.monotonic()
+        if self.start is None:
+            self.start, self.last = (now, it - 1), now
+        if self.quiet or (now - self.last < self.every_s and it < total):
+            return
+        self.last = now
+        done = it - self.start[1]
+        rate = done / max(now - self.start[0], 1e-9)
+        eta = (total - it) / rate if rate > 0 else float("inf")
+        print(
+            f"[{self.group}] {logs['phase']} iteration {it}/{total} ({100 * it / max(total, 1):.0f} %), "
+            f"{rate:.2f} it/s, ETA {eta:.0f} s, loss {logs['total']:.4f}",
+            flush=True,
+        )
+
+
+LOSS_LOGS = ("total", "cos", "mse", "coherence", "seg", "lr")
+
+
 def train_group(
     p: Params,
     group: str,
@@ -130,6 +164,7 @@ def train_group(
     package = ModelPackage(
         model=model.config,
         resize=p.data.image_size,
+        geometry=geometry(p),
         categories=tuple(sorted({r.category for r in recs})),
         group=group,
         dataset=p.data.name,
@@ -142,6 +177,15 @@ def train_group(
     if not ctx.main:
         train_model(model, job.dataset, job.cfg, job.loss, job.dice, checkpoints)
         return {}, []
+    transform = build_transform(p)
+    for cat in package.categories:  # before hours of training: how much of the defects the model will see
+        masks = [r.mask_path for r in records if r.category == cat and r.split == "test" and r.mask_path]
+        cov = mask_coverage(masks, transform)
+        if cov.share is not None:
+            print(
+                f"[{group}] {cat}: field of view ({transform.geometry}) holds {100 * cov.share:.1f} % of the test "
+                f"defect pixels; {cov.outside} of {cov.images} masked defect images lie wholly outside it"
+            )
     tags = {"group": group, "encoder_pretrained": model.pretrained_loaded, "manifest_hash": manifest_hash(p)}
     if ctx.active:
         tags["ranks"] = ctx.world
@@ -157,7 +201,10 @@ def train_group(
             epoch_metrics = {f"train_{k}": v for k, v in m.items() if isinstance(v, float)}
             mlflow.log_metrics(epoch_metrics, step=int(m["epoch"]))
 
-        result = train_model(model, job.dataset, job.cfg, job.loss, job.dice, checkpoints, on_epoch=on_epoch)
+        talk = IterationLog(group, mlflow, p.train.progress_every_s, quiet=progress)
+        result = train_model(
+            model, job.dataset, job.cfg, job.loss, job.dice, checkpoints, on_epoch=on_epoch, on_iteration=talk
+        )
         save_model(out, model, package)
         mlflow.log_metrics({"train_seconds": result.seconds})
     resumed = (" (resumed)" if result.resumed else "") + (f" on {ctx.world} ranks" if ctx.active else "")

@@ -48,6 +48,7 @@ __all__ = [
     "should_promote",
 ]
 
+SCOPE_DEFAULTS = {"group": "all", "metric_set": "image+pixel"}  # versions registered before the tag existed
 CHAMPION = "champion"
 CANDIDATE = "candidate"
 MODEL_REQUIREMENTS = ("torch", "timm", "safetensors", "numpy", "pillow", "pyyaml", "pandas")  # what the pyfunc imports
@@ -76,7 +77,7 @@ def should_promote(champion_tags: dict[str, str] | None, scope: dict[str, str], 
         return False
     if champion_tags is None:
         return True
-    if any(champion_tags.get(k, "all" if k == "group" else "") != v for k, v in scope.items()):
+    if any(champion_tags.get(k, SCOPE_DEFAULTS.get(k, "")) != v for k, v in scope.items()):
         return False
     try:
         current = float(champion_tags.get("mad", "nan"))
@@ -163,11 +164,19 @@ def _input_example(categories: list[str]) -> Any:
 
 
 def log_and_register_model(
-    mlflow: Any, p: Params, model_dir: Path, package: ModelPackage, mad: float, group: str, promote: bool = True
+    mlflow: Any,
+    p: Params,
+    model_dir: Path,
+    package: ModelPackage,
+    mad: float,
+    group: str,
+    promote: bool = True,
+    metric_set: str = "image+pixel",
 ) -> dict[str, Any]:
     """Log the pyfunc model under the active run, register a version (alias ``candidate``) and move
     the scope's champion alias and ``champion`` when :func:`should_promote` says so (never when
-    ``promote`` is false: e.g. categories without test images).
+    ``promote`` is false: e.g. categories without test images). mADs compare only within one
+    ``metric_set`` (``image+pixel``, or ``image`` for data labelled per image).
 
     ``model_dir`` must hold the bytes ``package`` describes (checked: :func:`repackage`). The
     registered package records the git commit and the library versions in its provenance.
@@ -185,7 +194,7 @@ def log_and_register_model(
     name = p.tracking.registered_model
     client = MlflowClient()
     new = mlflow.register_model(uri, name).version
-    scope = {"dataset": p.data.name, "setting": p.setting.kind, "group": group}
+    scope = {"dataset": p.data.name, "setting": p.setting.kind, "group": group, "metric_set": metric_set}
     for k, v in {**scope, "mad": f"{mad:.6f}", "weights_sha256": provenance.weights_sha256}.items():
         client.set_model_version_tag(name, new, k, v)
     client.set_registered_model_alias(name, CANDIDATE, new)

@@ -1,0 +1,91 @@
+"""What the evaluate stage checks in the data it scores and says when the numbers would mislead:
+defects outside the model's field of view, images labelled without masks, thresholds that flag
+most normal parts, and undefined metrics written as ``null`` rather than NaN."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+
+from components.data.datasets import Record
+from components.data.transforms import ImageTransform
+from components.evaluation.coverage import Coverage, mask_coverage
+from components.scoring.inference import InferenceResult
+from pipelines.config import Params
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["json_safe", "pixel_known", "pixel_truth", "report_coverage", "threshold_sanity"]
+
+WIDER_VIEW = {"center_crop": "full (the whole image, squashed) or letterbox (the whole image, padded)"}
+
+
+def pixel_truth(res: InferenceResult, known: set[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(maps, masks) of the images whose pixels have a ground truth (``known`` paths: normal images,
+    where nothing is anomalous, and anomalous images with a mask); (None, None) when no anomalous
+    image has one (image-level labels: pixel metrics undefined)."""
+    if res.masks is None or res.maps is None:
+        return None, None
+    idx = [i for i, path in enumerate(res.paths) if path in known]
+    if not any(res.labels[i] == 1 for i in idx):
+        return None, None
+    return res.maps[idx], res.masks[idx]
+
+
+def pixel_known(records: list[Record]) -> set[str]:
+    """The paths of the images whose pixels have a ground truth (see :func:`pixel_truth`)."""
+    return {r.path for r in records if r.label == 0 or r.mask_path}
+
+
+def report_coverage(p: Params, category: str, records: list[Record], transform: ImageTransform) -> Coverage:
+    """The share of ``category``'s ground-truth defect pixels the model can see; a warning with the
+    word "coverage" below ``eval.min_mask_coverage``, naming the geometry that sees more."""
+    cov = mask_coverage([r.mask_path for r in records if r.label == 1 and r.mask_path], transform)
+    if cov.share is not None and cov.share < p.eval.min_mask_coverage:
+        logger.warning(
+            "%s: mask coverage %.1f %%: only that share of the defect pixels is inside the model's field of view "
+            "(data.geometry=%s), and %d of %d anomalous images have no defect pixel inside it (they cannot be "
+            "detected, yet count in the image metrics). Set data.geometry to %s and train again.",
+            category,
+            100 * cov.share,
+            transform.geometry,
+            cov.outside,
+            cov.images,
+            WIDER_VIEW.get(transform.geometry, "letterbox"),
+        )
+    return cov
+
+
+def threshold_sanity(p: Params, category: str, scores: np.ndarray, labels: np.ndarray, threshold: float) -> None:
+    """Warn when a calibrated image threshold flags more than ``eval.threshold.max_normal_flag`` of
+    the normal calibration images, or when the calibration images are mostly anomalous (an F1-optimal
+    threshold then tends to flag everything: I-F1 high at chance I-AUROC)."""
+    normal = scores[labels == 0]
+    flagged = float(np.mean(normal >= threshold)) if normal.size else math.nan
+    anomalous = float(np.mean(labels == 1)) if labels.size else math.nan
+    limit = p.eval.threshold.max_normal_flag
+    if (math.isfinite(flagged) and flagged > limit) or anomalous > limit:
+        logger.warning(
+            "%s: the image threshold %.4g flags %.0f %% of the normal calibration images (limit %.0f %%: "
+            "eval.threshold.max_normal_flag), and %.0f %% of the calibration images are anomalous. Calibrate on "
+            "held-out images (eval.threshold.split=validation) or on normals only by a false-reject rate.",
+            category,
+            threshold,
+            100 * flagged,
+            100 * limit,
+            100 * anomalous,
+        )
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None (``null``: undefined, not NaN, in metrics.json)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
