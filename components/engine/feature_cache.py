@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +80,13 @@ def reset_verified() -> None:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """How a cache is built and checked: encoder device, progress bar, ``verify`` (:data:`CACHE_VERIFY_MODES`)."""
+    """How a cache is built and checked: encoder device, progress bar, ``verify`` (:data:`CACHE_VERIFY_MODES`),
+    and without a bar a log line every ``report_every_s`` seconds while building."""
 
     device: str = "cpu"
     progress: bool = False
     verify: str = "full"
+    report_every_s: float = 30.0
 
     def __post_init__(self) -> None:
         check_choice("verify", self.verify, CACHE_VERIFY_MODES)
@@ -136,7 +139,7 @@ class FeatureCache:
             if problem is not None:
                 if problem != "not built yet":
                     logger.warning("feature cache damaged: %s; rebuilding it.", problem)
-                self._build(model, list(paths), load, settings.device, settings.progress)
+                self._build(model, list(paths), load, settings)
                 self.built = True
         _VERIFIED.add(self.key)
         self.array = np.load(self.dir / "features.npy", mmap_mode="r")
@@ -164,8 +167,9 @@ class FeatureCache:
             return f"{file} does not match the digest recorded when it was built"
         return None
 
-    def _build(self, model: InpFormer, paths: list[str], load: Any, device: str, progress: bool) -> None:
-        batch_size = ENCODE_BATCH
+    def _build(self, model: InpFormer, paths: list[str], load: Any, settings: CacheSettings) -> None:
+        batch_size, device, progress = ENCODE_BATCH, settings.device, settings.progress
+        started = last = time.monotonic()
         tmp = self.dir.with_name(f"{self.dir.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -182,6 +186,17 @@ class FeatureCache:
                     shape = (len(paths), *feats.shape[1:])
                     arr = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=shape)
                 arr[start : start + len(feats)] = feats
+                done, now = start + len(feats), time.monotonic()
+                if not progress and (now - last >= settings.report_every_s or done == len(paths)):
+                    last, rate = now, done / max(now - started, 1e-9)
+                    logger.info(
+                        "encoder cache: %d/%d images (%.0f %%), %.1f images/s, ETA %.0f s",
+                        done,
+                        len(paths),
+                        100 * done / len(paths),
+                        rate,
+                        (len(paths) - done) / rate,
+                    )
         if arr is None:
             raise ValueError("feature cache: no images to encode.")
         arr.flush()

@@ -89,6 +89,6 @@ def training_dataset(
     if kind == "semi_supervised":
         return SemiSupervisedDataset(dataset, semi_supervised_anomalies(p, all_records), tf, seed=p.seed)
     if p.train.feature_cache:
-        settings = CacheSettings(device, progress, p.train.feature_cache_verify)
+        settings = CacheSettings(device, progress, p.train.feature_cache_verify, p.train.progress_every_s)
         return cached_dataset(model, dataset, FEATURE_CACHE_DIR, settings)
     return dataset
