@@ -127,6 +127,22 @@ def model_workspace(root: Path, categories: list[str], thresholds: dict | None =
     return root
 
 
+def copy_repository(dst: Path) -> Path:
+    """The files git tracks (as they are in the working tree) copied into ``dst``, made a fresh git
+    repository (DVC wants one); returns ``dst``."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        if (root / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, dst / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    return dst
+
+
 @pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
 def torch_threads(request):
     """Run a numeric test with 1 and with 2 torch threads (kernels split reductions by thread)."""

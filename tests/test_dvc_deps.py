@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import copy_repository
 from pydantic import BaseModel
 
 from pipelines.config import Params, load_params
@@ -221,13 +222,7 @@ def test_committed_lock_matches_the_code(tmp_path) -> None:
     """`dvc status` on a copy of the repository: the committed dvc.lock names the current code."""
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for rel in filter(None, files.decode().split("\0")):
-        src = ROOT / rel
-        if src.is_file():
-            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, tmp_path / rel)
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)  # DVC wants a git repository
+    copy_repository(tmp_path)
     dvc = Path(sys.executable).parent / "dvc"
     out = subprocess.run([str(dvc), "status", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     status = yaml.safe_load(out.stdout or "{}") or {}

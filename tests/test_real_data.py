@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_PIPELINE
+from conftest import TINY_PIPELINE, copy_repository
 from PIL import Image
 
 from components.data.transforms import IMAGENET_MEAN, ImageTransform
@@ -241,17 +241,11 @@ def _readme_lines() -> str:
 def _tiny_workspace(tmp_path: Path) -> Path:
     from pipelines.config.overrides import apply_overrides
 
-    work = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for rel in filter(None, files.decode().split("\0")):
-        if (ROOT / rel).is_file():
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, work / rel)
+    work = copy_repository(tmp_path / "repo")
     tiny = [o for o in TINY_PIPELINE if not o.startswith("data.synthetic")]
     tree = apply_overrides(yaml.safe_load((work / "params.yaml").read_text()), [*tiny, "train.epochs=1"])
     (work / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     subprocess.run(["git", "add", "-A"], cwd=work, check=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=work, check=True)
     return work

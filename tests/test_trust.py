@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_PIPELINE, model_workspace, tiny_model
+from conftest import TINY_PIPELINE, copy_repository, model_workspace, tiny_model
 from PIL import Image
 
 from components.engine.checkpoint import DIGEST_FILE, MODEL_FILES, CheckpointError, load_model, save_model, write_digest
@@ -585,12 +585,7 @@ def test_every_stage_waits_for_the_params_check() -> None:
 @pytest.mark.slow
 def test_dvc_repro_with_bad_params_keeps_the_outputs(tmp_path) -> None:
     """`dvc exp run -S train.epochs=[1,2]` failed only after DVC had deleted the models."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    for rel in filter(None, files.decode().split("\0")):
-        if (ROOT / rel).is_file():
-            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, tmp_path / rel)
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    copy_repository(tmp_path)
     text = (tmp_path / "params.yaml").read_text().replace("\n  epochs: 8", "\n  epochs: [1, 2]", 1)
     assert "[1, 2]" in text
     (tmp_path / "params.yaml").write_text(text)
