@@ -71,6 +71,20 @@ def test_center_crop_is_the_paper_transform() -> None:
     assert torch.equal(ImageTransform(64, 56).to_unit(img), ref)
 
 
+def test_caches_never_serve_another_field_of_view(tmp_path) -> None:
+    from components.data.cache import ImageCache
+    from components.data.datasets import ImageDataset, Record
+
+    _image(40, 20).save(tmp_path / "x.png")
+    cache = ImageCache(tmp_path / "cache")
+    crop, full = ImageTransform(32, 28), ImageTransform(32, 28, geometry="full")
+    assert cache.key(tmp_path / "x.png", crop) != cache.key(tmp_path / "x.png", full)
+    rec = [Record(str(tmp_path / "x.png"), "a", "train", 0)]
+    ImageDataset(rec, crop, cache=cache)[0]
+    ImageDataset(rec, full, cache=cache)[0]
+    assert cache.misses == 2 and cache.hits == 0  # the centre-cropped entry is not the whole image
+
+
 def _border_masks(folder: Path) -> list[Path]:
     """Masks of 100 x 60 images with defects at the border (and one wholly outside a centre crop)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,8 @@ __all__ = ["ImageCache"]
 
 DIGEST_BYTES = 16  # BLAKE2b digest appended to each entry
 
+CACHE_FORMAT = "upright"  # entries hold EXIF-upright pixels: entries of older versions are never read
+
 
 class ImageCache:
     """``get(path, transform, compute)`` returns the cached [0, 1] crop or computes and stores it."""
@@ -38,12 +40,13 @@ class ImageCache:
         self.misses = 0
 
     def key(self, path: str | os.PathLike, transform: object) -> str:
-        """Content + transform key."""
+        """Content + transform (sizes, field of view) + :data:`CACHE_FORMAT` key."""
         h = hashlib.blake2b(digest_size=20)
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-        h.update(repr((getattr(transform, "resize", None), getattr(transform, "crop", None))).encode())
+        sizes = tuple(getattr(transform, k, None) for k in ("resize", "crop", "geometry"))
+        h.update(repr((*sizes, CACHE_FORMAT)).encode())
         return h.hexdigest()
 
     def get(self, path: str | os.PathLike, transform: object, compute: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from components.constants import CACHE_VERIFY_MODES, check_choice
 from components.data import batch as keys
+from components.data.cache import CACHE_FORMAT
 from components.data.datasets import ImageDataset
 from components.data.io import read_mask, read_rgb
 from components.files import file_digest
@@ -278,7 +279,7 @@ def cached_dataset(
         arr = np.asarray(read_rgb(path), dtype=np.float32) / 255.0
         return tf.normalize(torch.from_numpy(arr).permute(2, 0, 1))
 
-    key = (tf.resize, tf.crop)
+    key = (tf.resize, tf.crop, tf.geometry, CACHE_FORMAT)  # another field of view or pixel policy: another cache
     fp = encoder_fingerprint(model)
     paths = [r.path for r in dataset.records]
     normal = FeatureCache(folder, model, paths, load, key, settings, fp)
