@@ -80,6 +80,8 @@ def hermetic_env(root: str | os.PathLike = ".") -> None:
         "DO_NOT_TRACK": "true",
         "PREFECT_HOME": str(root / ".prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # Prefect's temporary server gets 20 s to start by default: too little on 2 busy cores
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
         "DVC_NO_ANALYTICS": "1",
         "MPLCONFIGDIR": str(root / ".cache" / "matplotlib"),
