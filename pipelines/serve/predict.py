@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from components.data.io import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_rgb
 from components.engine.checkpoint import DIGEST_FILE, WEIGHTS_FILE, load_model
-from components.files import DiskFullError, disk_full_message, exclusive_lock, file_digest, is_disk_full
+from components.files import disk_full_as_error, exclusive_lock, file_digest
 from components.scoring.decision import ANOMALOUS
 from components.scoring.export import FORMATS, load_exported
 from components.scoring.package import LEGACY_SCORING_FILE, PACKAGE_FILE, ModelPackage, read_package
@@ -284,12 +284,9 @@ def score_images(
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(dir=out, prefix=STAGING_PREFIX))
         try:
-            rows, skipped = _score_all(p, package, images, categories, names, staging, options, progress)
-            publish(out, staging, rows, bool(options.get("append")))
-        except OSError as err:
-            if is_disk_full(err):
-                raise DiskFullError(err.errno, disk_full_message(out, err)) from err
-            raise
+            with disk_full_as_error(out):
+                rows, skipped = _score_all(p, package, images, categories, names, staging, options, progress)
+                publish(out, staging, rows, bool(options.get("append")))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     for message in skipped:
