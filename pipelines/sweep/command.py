@@ -52,3 +52,5 @@ def stop_workers(procs: list[subprocess.Popen], grace_s: float) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # the leader is gone: nothing it started outlives it
+            os.killpg(proc.pid, signal.SIGKILL)
