@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_FILE_MODE",
     "DiskFullError",
     "LockedError",
+    "atomic_write_bytes",
     "atomic_write_text",
     "csv_safe",
     "current_umask",
@@ -57,13 +58,18 @@ def current_umask() -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temporary file in the same folder, fsync, then rename)."""
+    """Write a text file (UTF-8) atomically: see :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file atomically (temporary file in the same folder, fsync, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         Path(tmp).chmod(DEFAULT_FILE_MODE & ~current_umask())  # as a plain open() would (shared remotes)

@@ -12,12 +12,12 @@ from dataclasses import fields
 import torch
 
 from components.data.synthesis import PseudoAnomalySynthesizer, TextureBank
-from components.data.transforms import ImageTransform
 from components.engine.losses import DiceLoss, NormalPatternLoss
 from components.engine.train_config import TrainConfig
 from components.model import EncoderWeightsError, InpFormer, InpFormerConfig, load_pretrained
 from components.scoring.inference import ScoringConfig
 from pipelines.config import Params
+from pipelines.view import build_transform, geometry
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ __all__ = [
     "build_synthesizer",
     "build_train_config",
     "build_transform",
+    "geometry",
     "model_config",
     "residual_mode",
     "resolve_device",
@@ -155,22 +156,6 @@ def build_train_config(p: Params, progress: bool = True) -> TrainConfig:
         progress=progress,
     )
     return TrainConfig(**shared)
-
-
-def build_transform(p: Params) -> ImageTransform:
-    """Resize → crop → normalise with the params' sizes."""
-    return ImageTransform(resize=p.data.image_size, crop=p.data.crop_size, geometry=geometry(p))
-
-
-USER_DATASETS = ("folder", "flat")  # your own photos: every pixel in view by default (data.geometry: auto)
-
-
-def geometry(p: Params) -> str:
-    """``data.geometry``, ``auto`` resolved: the paper's centre crop for the benchmark datasets (centred
-    objects), the whole image for your own (defects anywhere on the part)."""
-    if p.data.geometry != "auto":
-        return p.data.geometry
-    return "full" if p.data.dataset in USER_DATASETS else "center_crop"
 
 
 def build_synthesizer(p: Params) -> PseudoAnomalySynthesizer | None:

@@ -23,6 +23,7 @@ __all__ = [
     "SCORED_MODELS_DIR",
     "SOURCES_DIR",
     "SWEEP_DIR",
+    "TILE_CACHE_DIR",
     "TRAIN_HISTORY_FILE",
     "TRAIN_METRICS_FILE",
     "TRAIN_SUMMARY_FILE",
@@ -42,6 +43,7 @@ DATA = Path("data")
 ARTIFACTS = Path("artifacts")
 IMAGE_CACHE_DIR = DATA / "cache"
 FEATURE_CACHE_DIR = DATA / "cache" / "features"
+TILE_CACHE_DIR = DATA / "cache" / "tiles"  # the tile geometry's training tiles (content-keyed)
 MODELS_DIR = ARTIFACTS / "models"
 CHECKPOINTS_DIR = ARTIFACTS / "checkpoints"
 EVAL_DIR = ARTIFACTS / "eval"

@@ -117,7 +117,7 @@ def test_mask_coverage_matches_an_independent_count(tmp_path) -> None:
 def test_coverage_warning_names_the_geometry_and_folder_data_default_to_full(tmp_path, caplog) -> None:
     from components.data.datasets import Record
     from pipelines.builders import build_transform
-    from pipelines.stages.eval_checks import report_coverage
+    from pipelines.view import report_coverage
 
     records = [Record(str(p), "part", "test", 1, str(p), "scratch") for p in _border_masks(tmp_path)]
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
@@ -131,6 +131,36 @@ def test_coverage_warning_names_the_geometry_and_folder_data_default_to_full(tmp
     with caplog.at_level(logging.WARNING):
         assert report_coverage(folder, "part", records, build_transform(folder)).share == 1.0
     assert "coverage" not in caplog.text
+
+
+def test_prepare_puts_the_view_share_in_the_count_table_and_warns_early(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    from pipelines import stages
+
+    cat = tmp_path / "src" / "part"
+    masks = _border_masks(cat / "ground_truth" / "edge")
+    for i in range(2):
+        for split in ("train", "test"):
+            (cat / split / "good").mkdir(parents=True, exist_ok=True)
+            _image(100, 60).save(cat / split / "good" / f"{i}.png")
+    (cat / "test" / "edge").mkdir(parents=True)
+    for m in masks:
+        _image(100, 60).save(cat / "test" / "edge" / m.name.replace("_mask", ""))
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    base = ["data.dataset=folder", "data.name=edges", f"data.source={tmp_path / 'src'}", "data.image_size=128"]
+    expected = mask_coverage(masks, ImageTransform(128, 112))  # closed form checked above
+    with caplog.at_level(logging.WARNING):
+        stages.prepare(load_params("params.yaml", [*base, "data.crop_size=112", "data.geometry=center_crop"]))
+    row = json.loads(Path("data/prepared/edges/counts.json").read_text())[0]
+    assert row["coverage_%"] == round(100 * expected.share, 1) < 95 and row["outside_view"] == expected.outside
+    assert "coverage" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        stages.prepare(load_params("params.yaml", [*base, "data.crop_size=112"]))  # folder default: full
+    row = json.loads(Path("data/prepared/edges/counts.json").read_text())[0]
+    assert (row["coverage_%"], row["outside_view"]) == (100.0, 0) and "mask coverage" not in caplog.text
 
 
 # -- image-level labels ----------------------------------------------------------------------------------

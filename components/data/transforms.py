@@ -5,14 +5,17 @@ field of view (``geometry``) they give the model.
 PIL) → [0, 1] tensor → centre crop C → ImageNet normalisation; the model sees the central C/R of
 each side. ``full``: resize the whole image to (C, C) (every pixel in view, the aspect ratio
 squashed). ``letterbox``: scale the longer side to C keeping the aspect ratio and pad the rest with
-the normalisation mean (neutral after normalising). Masks get the same geometry (bilinear, so edges
-soften; padding 0). Pseudo anomalies are blended on the un-normalised [0, 1] input (spec §13.6), so
+the normalisation mean (neutral after normalising). ``tile``: for images much larger than the model
+input, the image is cut into overlapping square tiles of ``tile`` original pixels (:meth:`ImageTransform.tiles`),
+each resized to (C, C) like ``full``; their maps are stitched back (:mod:`components.scoring.tiling`).
+Masks get the same geometry (bilinear, so edges soften; padding 0). Pseudo anomalies are blended on the un-normalised [0, 1] input (spec §13.6), so
 the two halves are separate methods. :meth:`ImageTransform.view` says which original pixels the
 model's input covers, so maps go back into each image's own frame.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +25,9 @@ from torchvision.transforms import InterpolationMode
 
 __all__ = ["GEOMETRIES", "IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform", "View"]
 
-GEOMETRIES = ("center_crop", "full", "letterbox")
+GEOMETRIES = ("center_crop", "full", "letterbox", "tile")
+
+MAX_TILE_OVERLAP = 0.9  # beyond it the tile count explodes (1 / (1 - overlap)² tiles per tile area)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,7 +50,9 @@ class ImageTransform:
         resize: side of the square resize before the centre crop (448 officially; ``center_crop`` only).
         crop: side of the model's input (392 officially); must not exceed ``resize``.
         mean, std: normalisation constants.
-        geometry: ``center_crop`` | ``full`` | ``letterbox`` (see the module docstring).
+        geometry: ``center_crop`` | ``full`` | ``letterbox`` | ``tile`` (see the module docstring).
+        tile: side of a tile in original pixels (``tile`` geometry; 0: the input side ``crop``).
+        tile_overlap: least share of a tile's side that neighbouring tiles overlap, in [0, 0.9].
     """
 
     resize: int = 448
@@ -53,6 +60,8 @@ class ImageTransform:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     geometry: str = "center_crop"
+    tile: int = 0
+    tile_overlap: float = 0.25
 
     def __post_init__(self) -> None:
         if self.crop > self.resize or self.crop < 1:
@@ -61,12 +70,31 @@ class ImageTransform:
         if self.geometry not in GEOMETRIES:
             msg = f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}."
             raise ValueError(msg)
+        if self.tile < 0 or not 0.0 <= self.tile_overlap <= MAX_TILE_OVERLAP:
+            msg = f"tile ({self.tile}) must be >= 0 and tile_overlap ({self.tile_overlap}) in [0, {MAX_TILE_OVERLAP}]."
+            raise ValueError(msg)
+
+    @property
+    def tiled(self) -> bool:
+        """Whether images are scored as stitched tiles."""
+        return self.geometry == "tile"
+
+    def tiles(self, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+        """The (left, top, right, bottom) boxes an image of ``size`` (W, H) is scored in: the whole
+        image, or under ``tile`` a row-major grid of tiles of side :attr:`tile` (the image's side where
+        it is shorter) that overlap by at least ``tile_overlap`` and end flush with the border."""
+        w, h = size
+        if not self.tiled:
+            return [(0, 0, w, h)]
+        side = self.tile or self.crop
+        xs, ys = _starts(w, side, self.tile_overlap), _starts(h, side, self.tile_overlap)
+        return [(x, y, min(x + side, w), min(y + side, h)) for y in ys for x in xs]
 
     def view(self, size: tuple[int, int]) -> View:
         """Which original pixels of an image of ``size`` (W, H) the model's input holds, and where."""
         w, h = size
         c = self.crop
-        if self.geometry == "full":
+        if self.geometry in ("full", "tile"):  # a tile is scored whole
             return View((0, 0, w, h), (0, 0, c, c))
         if self.geometry == "letterbox":
             nw, nh = self._fitted(size)
@@ -85,7 +113,7 @@ class ImageTransform:
     def _geometric(self, img: Image.Image, fill: tuple[float, ...]) -> torch.Tensor:
         """PIL image → tensor in [0, 1] of the model's input side, by this geometry (``fill``: padding)."""
         c = self.crop
-        if self.geometry == "full":
+        if self.geometry in ("full", "tile"):
             return TF.to_tensor(TF.resize(img, [c, c], interpolation=InterpolationMode.BILINEAR))
         if self.geometry == "letterbox":
             nw, nh = self._fitted(img.size)
@@ -120,3 +148,13 @@ class ImageTransform:
         mean = torch.tensor(self.mean, device=image.device).view(-1, 1, 1)
         std = torch.tensor(self.std, device=image.device).view(-1, 1, 1)
         return (image * std + mean).clamp(0, 1)
+
+
+def _starts(length: int, side: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of ``side`` along ``length``: evenly spread from 0 to ``length - side``,
+    as few as keep neighbours overlapping by at least ``overlap · side``."""
+    if length <= side:
+        return [0]
+    stride = max(1.0, side * (1.0 - overlap))
+    n = math.ceil((length - side) / stride) + 1
+    return [round(i * (length - side) / (n - 1)) for i in range(n)]

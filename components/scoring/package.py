@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from components.data.transforms import GEOMETRIES, ImageTransform
+from components.data.transforms import GEOMETRIES, MAX_TILE_OVERLAP, ImageTransform
 from components.files import atomic_write_text
 from components.model.config import InpFormerConfig
 from components.scoring.decision import CategoryThresholds, DecisionRule
@@ -71,6 +71,7 @@ class ModelPackage:
         model: the architecture; its ``image_size`` is the centre-crop side.
         resize: side of the square resize before the crop (``center_crop`` geometry).
         geometry: the model's field of view (:data:`~components.data.transforms.GEOMETRIES`).
+        tile, tile_overlap: the tiles of the ``tile`` geometry (original pixels; least overlap).
         categories: the categories the model was trained on.
         group, dataset, setting: the training scope.
         encoder_pretrained, encoder_weights_source: whether (and from where) DINOv2 weights were loaded.
@@ -95,6 +96,8 @@ class ModelPackage:
     threshold_split: str = ""
     provenance: Provenance = field(default_factory=Provenance)
     geometry: str = "center_crop"
+    tile: int = 0
+    tile_overlap: float = 0.25
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "categories", tuple(str(c) for c in self.categories))
@@ -103,6 +106,8 @@ class ModelPackage:
             raise PackageError(msg)
         if self.geometry not in GEOMETRIES:
             raise PackageError(f"'geometry' must be one of {GEOMETRIES}, got {self.geometry!r}.")
+        if not 0.0 <= self.tile_overlap <= MAX_TILE_OVERLAP:
+            raise PackageError(f"'tile_overlap' must be in [0, {MAX_TILE_OVERLAP}], got {self.tile_overlap!r}.")
 
     @property
     def crop(self) -> int:
@@ -117,7 +122,9 @@ class ModelPackage:
 
     def transform(self) -> ImageTransform:
         """The preprocessing of the model's images."""
-        return ImageTransform(resize=self.resize, crop=self.crop, geometry=self.geometry)
+        return ImageTransform(
+            resize=self.resize, crop=self.crop, geometry=self.geometry, tile=self.tile, tile_overlap=self.tile_overlap
+        )
 
     def rule(self, normalized: bool | None = None) -> DecisionRule:
         """The per-category decision rule (normalised as recorded unless ``normalized`` says otherwise)."""

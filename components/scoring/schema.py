@@ -89,6 +89,8 @@ def check_bounds(package: ModelPackage, where: str, max_side: int = DEFAULT_MAX_
     """Sizes a model file may ask for: every side in [14, ``max_side``], architecture integers in
     :data:`MODEL_INT_BOUNDS`. Raises :class:`PackageError` naming the key and the bound."""
     sides = {"resize": package.resize}
+    if package.tile:
+        sides["tile"] = package.tile
     size = package.model.image_size
     sides["image_size' of 'model"] = max(size) if isinstance(size, tuple) else size
     if package.scoring is not None and package.scoring.resize is not None:

@@ -26,6 +26,7 @@ from components.scoring.decision import DecisionRule
 from components.scoring.inference import ScoringConfig, score_batch
 from components.scoring.overlay import map_to_original, render_overlay
 from components.scoring.package import ModelPackage
+from components.scoring.tiling import score_tiled
 
 __all__ = [
     "LoadedModel",
@@ -80,13 +81,23 @@ def torch_scorer(model: InpFormer, scoring: ScoringConfig, device: str = "cpu") 
     return scorer
 
 
-def score_pil(package: LoadedModel, images: list, categories: list[str]) -> list[dict[str, Any]]:
-    """Score PIL images in memory: per image its raw map (original frame), raw score and decision."""
-    batch = torch.stack([package.transform(img) for img in images])
-    maps, scores = package.scorer(batch)
+def score_pil(
+    package: LoadedModel, images: list, categories: list[str], batch_size: int | None = None
+) -> list[dict[str, Any]]:
+    """Score PIL images in memory: per image its raw map (original frame), raw score and decision.
+
+    Under the ``tile`` geometry each image is scored as its stitched tiles (:mod:`components.scoring.tiling`),
+    ``batch_size`` tiles at a time (default: as many as images).
+    """
+    transform = package.transform
+    if transform.tiled:
+        top_ratio = (package.scoring or ScoringConfig()).top_ratio
+        scored = score_tiled(package.scorer, images, transform, top_ratio, batch_size or len(images))
+    else:
+        maps, scores = package.scorer(torch.stack([transform(img) for img in images]))
+        scored = [(map_to_original(a, img.size, transform), s) for img, a, s in zip(images, maps, scores.tolist())]
     out = []
-    for img, category, amap, score in zip(images, categories, maps, scores.tolist()):
-        full = map_to_original(amap, img.size, package.transform)
+    for category, (full, score) in zip(categories, scored):
         shown, threshold, decision = package.rule.image(category, float(score))
         out.append(
             {"map": full, "raw_score": float(score), "score": shown, "threshold": threshold, "decision": decision}

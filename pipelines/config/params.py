@@ -31,6 +31,7 @@ from components.constants import (
     RESIDUAL_MODES,
     SEG_HEAD_LAYOUTS,
 )
+from components.data.transforms import MAX_TILE_OVERLAP
 from pipelines.config.base import SETTING_KINDS, ConfigError, Device, Seed, Slug, StrictParams, check_slug
 from pipelines.config.deploy import ExportParams, ServeParams, ThresholdParams
 from pipelines.config.overrides import OverrideError, apply_overrides, flatten, set_dotted
@@ -77,7 +78,9 @@ class DataParams(StrictParams):
     image_size: int = Field(448, ge=14)
     crop_size: int = Field(392, ge=14)
     # the model's field of view: auto = center_crop (the paper's) for benchmark datasets, full for your own
-    geometry: Literal["auto", "center_crop", "full", "letterbox"] = "auto"
+    geometry: Literal["auto", "center_crop", "full", "letterbox", "tile"] = "auto"
+    tile_size: int = Field(0, ge=0)  # tile geometry: tile side in original pixels (0: crop_size, native resolution)
+    tile_overlap: float = Field(0.25, ge=0.0, le=MAX_TILE_OVERLAP)  # tile geometry: least overlap of neighbours
     masks: Literal["required", "optional", "none"] = "optional"  # folder datasets: defect images without masks
     num_workers: int = Field(4, ge=0)
     cache: bool = True
@@ -89,6 +92,9 @@ class DataParams(StrictParams):
     def _sizes(self) -> DataParams:
         if self.crop_size > self.image_size:
             msg = f"data.crop_size ({self.crop_size}) must not exceed data.image_size ({self.image_size})"
+            raise ValueError(msg)
+        if self.tile_size and self.tile_size < PATCH_SIZE:
+            msg = f"data.tile_size ({self.tile_size}) must be 0 (the crop size) or at least the patch size {PATCH_SIZE}"
             raise ValueError(msg)
         if self.crop_size % PATCH_SIZE:
             msg = f"data.crop_size ({self.crop_size}) must be a multiple of the patch size {PATCH_SIZE}"

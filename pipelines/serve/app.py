@@ -236,7 +236,7 @@ def create_app(p: Params, models: list[str], host: str | None = None) -> FastAPI
         if category not in pkg.categories:
             raise HTTPException(status_code=422, detail=f"category {category!r} is not one of {pkg.categories}")
         image = _decode(request.image, image_limit)
-        res = score_pil(pkg, [image], [category])[0]
+        res = score_pil(pkg, [image], [category], p.serve.batch_size)[0]
         overlay = overlay_for(pkg, image, category, res["map"], p.serve.heat_scale)
         buffer = io.BytesIO()
         overlay.save(buffer, format="PNG")

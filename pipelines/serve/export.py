@@ -69,13 +69,21 @@ def export(p: Params, model_ref: str | None = None, out: str | None = None, prog
         "source": package.label,
         "preprocessing": {  # a reader's summary; the package below is what runtimes read
             "color": "RGB",
-            "geometry": t.geometry,  # center_crop: resize then crop; full: resize to the input; letterbox: fit + pad
+            "geometry": t.geometry,  # center_crop: resize, crop; full: resize; letterbox: fit + pad; tile
             "resize": f"{t.resize}x{t.resize} bilinear" if t.geometry == "center_crop" else f"{t.crop} bilinear",
             "input": t.crop,
             "scale": "1/255",
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
             "layout": "NCHW float32",
+            **(
+                {
+                    "tiles": f"{t.tile or t.crop} px tiles, overlap >= {t.tile_overlap:g}, each resized to the input; "
+                    "maps stitched (mean where tiles overlap), image score = top-ratio mean of the stitched map"
+                }
+                if t.tiled
+                else {}
+            ),
         },
         "outputs": {"maps": "B x 1 x R x R post-processed anomaly maps", "scores": "B image scores"},
         "package": replace(package.package, normalize=package.rule.normalized).to_dict(),

@@ -324,7 +324,7 @@ def _score_all(
 
 def _score(p: Params, package: LoadedModel, loaded: list, staging: Path, save_maps: str) -> list[dict[str, Any]]:
     """Score one batch; overlays (and maps) into ``staging``; rows name their final place."""
-    results = score_pil(package, [img for *_, img in loaded], [c for _, _, c, _ in loaded])
+    results = score_pil(package, [img for *_, img in loaded], [c for _, _, c, _ in loaded], p.serve.batch_size)
     rows = []
     for (image, name, category, img), res in zip(loaded, results):
         overlay = Path(OVERLAYS) / f"{name}.png"

@@ -166,7 +166,8 @@ class InpFormerPyfunc(mlflow.pyfunc.PythonModel):
         rows = []
         for start in range(0, len(images), PREDICT_BATCH):
             chunk = slice(start, start + PREDICT_BATCH)
-            for res, category in zip(score_pil(self.package, images[chunk], categories[chunk]), categories[chunk]):
+            scored = score_pil(self.package, images[chunk], categories[chunk], PREDICT_BATCH)
+            for res, category in zip(scored, categories[chunk]):
                 score, thr, decision = self.package.rule.image(
                     category, res["raw_score"], None if threshold is None else float(threshold)
                 )

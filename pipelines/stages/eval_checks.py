@@ -1,5 +1,5 @@
 """What the evaluate stage checks in the data it scores and says when the numbers would mislead:
-defects outside the model's field of view, images labelled without masks, thresholds that flag
+images labelled without masks, thresholds that flag
 most normal parts, and undefined metrics written as ``null`` rather than NaN."""
 
 from __future__ import annotations
@@ -11,16 +11,12 @@ from typing import Any
 import numpy as np
 
 from components.data.datasets import Record
-from components.data.transforms import ImageTransform
-from components.evaluation.coverage import Coverage, mask_coverage
 from components.scoring.inference import InferenceResult
 from pipelines.config import Params
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["json_safe", "pixel_known", "pixel_truth", "report_coverage", "threshold_sanity"]
-
-WIDER_VIEW = {"center_crop": "full (the whole image, squashed) or letterbox (the whole image, padded)"}
+__all__ = ["json_safe", "pixel_known", "pixel_truth", "threshold_sanity"]
 
 
 def pixel_truth(res: InferenceResult, known: set[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -38,25 +34,6 @@ def pixel_truth(res: InferenceResult, known: set[str]) -> tuple[np.ndarray | Non
 def pixel_known(records: list[Record]) -> set[str]:
     """The paths of the images whose pixels have a ground truth (see :func:`pixel_truth`)."""
     return {r.path for r in records if r.label == 0 or r.mask_path}
-
-
-def report_coverage(p: Params, category: str, records: list[Record], transform: ImageTransform) -> Coverage:
-    """The share of ``category``'s ground-truth defect pixels the model can see; a warning with the
-    word "coverage" below ``eval.min_mask_coverage``, naming the geometry that sees more."""
-    cov = mask_coverage([r.mask_path for r in records if r.label == 1 and r.mask_path], transform)
-    if cov.share is not None and cov.share < p.eval.min_mask_coverage:
-        logger.warning(
-            "%s: mask coverage %.1f %%: only that share of the defect pixels is inside the model's field of view "
-            "(data.geometry=%s), and %d of %d anomalous images have no defect pixel inside it (they cannot be "
-            "detected, yet count in the image metrics). Set data.geometry to %s and train again.",
-            category,
-            100 * cov.share,
-            transform.geometry,
-            cov.outside,
-            cov.images,
-            WIDER_VIEW.get(transform.geometry, "letterbox"),
-        )
-    return cov
 
 
 def threshold_sanity(p: Params, category: str, scores: np.ndarray, labels: np.ndarray, threshold: float) -> None:

@@ -35,13 +35,14 @@ from pipelines.paths import (
     calibrated_package_dir,
     remove_tree,
 )
-from pipelines.stages.eval_checks import json_safe, pixel_known, pixel_truth, report_coverage, threshold_sanity
+from pipelines.stages.eval_checks import json_safe, pixel_known, pixel_truth, threshold_sanity
 from pipelines.stages.records import evaluation_records, load_records, manifest_hash, training_groups
 from pipelines.stages.reporting import markdown_table
 from pipelines.stages.scored_model import check_model_scope, snapshot_model, untested_categories
 from pipelines.tracking.guard import tracking_failed
 from pipelines.tracking.registry import log_and_register_model
 from pipelines.tracking.runs import active_run_id, log_pipeline_metrics, safe_metric_name, tracked_run
+from pipelines.view import report_coverage
 
 logger = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from components.data.datasets import Record, write_manifest
 from components.data.download import DATASET_SOURCES, GIB, ExtractLimits, fetch_dataset
@@ -18,10 +19,12 @@ from components.data.readers import (
     validate_records,
 )
 from components.data.synthetic import generate_synthetic
+from components.evaluation.coverage import Coverage
 from components.files import atomic_write_text
 from pipelines.config import Params, check_slug
 from pipelines.paths import SOURCES_DIR, manifest_path, raw_dir, relative_to
 from pipelines.stages.reporting import count_table, format_table
+from pipelines.view import build_transform, report_coverage
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +58,10 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
     raw_dir(name).mkdir(parents=True, exist_ok=True)  # a DVC out even when the images stay where they are
     if kind in LOCAL_KINDS:  # written only once the data checked out: a failed prepare leaves nothing
         atomic_write_text(raw_dir(name) / "SOURCE.txt", f"{kind}: {relative_to(source, Path.cwd())}\n")
-    _write(name, records, report.empty_masks)
+    coverage = _coverage(p, records)
+    _write(name, count_table(records, report.empty_masks, coverage), records)
     print(f"Prepared '{name}' ({kind}) → {manifest_path(name)}")
-    print(format_table(count_table(records, report.empty_masks)))
+    print(format_table(count_table(records, report.empty_masks, coverage)))
     _print_report(report)
     return manifest_path(name)
 
@@ -142,7 +146,15 @@ def _flat(root: Path, name: str, seed: int, report: ScanReport) -> list[Record]:
     return flat_records(good, bad, masks, test_good, category=name, seed=seed, report=report)
 
 
-def _write(name: str, records: list[Record], empty_masks: list[str]) -> None:
+def _coverage(p: Params, records: list[Record]) -> dict[str, Coverage]:
+    """Per category, how much of its test defect pixels the configured field of view holds (the
+    warning with "coverage" below ``eval.min_mask_coverage`` comes now, before any training)."""
+    tf = build_transform(p)
+    cats = dict.fromkeys(r.category for r in records)
+    return {c: report_coverage(p, c, [r for r in records if r.category == c and r.split == "test"], tf) for c in cats}
+
+
+def _write(name: str, counts: list[dict[str, Any]], records: list[Record]) -> None:
     """The manifest (paths relative to its folder) and the count table as JSON."""
     out_dir = manifest_path(name).parent
     rel = [
@@ -157,7 +169,7 @@ def _write(name: str, records: list[Record], empty_masks: list[str]) -> None:
         for r in records
     ]
     write_manifest(manifest_path(name), rel)
-    atomic_write_text(out_dir / "counts.json", json.dumps(count_table(records, empty_masks), indent=2))
+    atomic_write_text(out_dir / "counts.json", json.dumps(counts, indent=2))
 
 
 def _print_report(report: ScanReport) -> None:

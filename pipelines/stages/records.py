@@ -8,8 +8,10 @@ from collections import defaultdict
 
 from components.data.datasets import Record, read_manifest
 from components.data.semi import select_anomalies
+from components.data.tiling import tile_records
+from pipelines.builders import build_transform
 from pipelines.config import Params
-from pipelines.paths import manifest_path, synth_index
+from pipelines.paths import TILE_CACHE_DIR, manifest_path, synth_index
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,11 @@ def manifest_hash(p: Params) -> str:
 
 
 def training_groups(p: Params, records: list[Record]) -> dict[str, list[Record]]:
-    """Training records per model: ``{"all": ...}``, or one group per category (single-class)."""
-    train = [r for r in records if r.split == "train"]
+    """Training records per model: ``{"all": ...}``, or one group per category (single-class).
+
+    Under ``data.geometry: tile`` a training image larger than a tile is replaced by its tiles.
+    """
+    train = tile_records([r for r in records if r.split == "train"], build_transform(p), TILE_CACHE_DIR)
     if p.setting.kind == "single_class":
         groups: dict[str, list[Record]] = defaultdict(list)
         for r in train:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from components.data.datasets import Record
+from components.evaluation.coverage import Coverage
 from components.evaluation.metrics import METRIC_KEYS
 
 __all__ = ["count_table", "format_table", "markdown_table"]
@@ -15,9 +16,13 @@ __all__ = ["count_table", "format_table", "markdown_table"]
 METRIC_HEADINGS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO", "mAD")
 
 
-def count_table(records: list[Record], empty_masks: Collection[str] = ()) -> list[dict[str, Any]]:
+def count_table(
+    records: list[Record], empty_masks: Collection[str] = (), coverage: Mapping[str, Coverage] | None = None
+) -> list[dict[str, Any]]:
     """Rows of category | train good | test good | test anomalous (+ a total row); with an
-    ``empty_mask`` column (anomalous images whose mask marks nothing) when there are any."""
+    ``empty_mask`` column (anomalous images whose mask marks nothing) when there are any, and with
+    ``coverage``: the % of each category's test defect pixels in the model's view and the number of
+    masked defect images wholly outside it (``-`` without masks)."""
     c = Counter((r.category, r.split, r.label) for r in records)
     empty = Counter(r.category for r in records if r.mask_path and r.mask_path in set(empty_masks))
     cats = list(dict.fromkeys(r.category for r in records))
@@ -32,6 +37,12 @@ def count_table(records: list[Record], empty_masks: Collection[str] = ()) -> lis
         for k in cats
     ]
     rows.append({k: (sum(r[k] for r in rows) if k != "category" else "total") for k in rows[0]} if rows else {})
+    if coverage is not None and rows:
+        for row in rows:
+            cov = coverage.get(row["category"])
+            known = cov is not None and cov.share is not None
+            row["coverage_%"] = round(100 * cov.share, 1) if known else "-"  # type: ignore[union-attr]
+            row["outside_view"] = cov.outside if known else "-"  # type: ignore[union-attr]
     return rows
 
 

@@ -13,7 +13,7 @@ from components.data.io import read_rgb
 from pipelines.builders import build_synthesizer, build_transform
 from pipelines.config import Params
 from pipelines.paths import remove_tree, synth_dir
-from pipelines.stages.records import load_records
+from pipelines.stages.records import load_records, training_groups
 
 __all__ = ["synthesize"]
 
@@ -31,7 +31,7 @@ def synthesize(p: Params, progress: bool = True) -> Path:
     lines = [INDEX_HEADER]
     if synth is not None and p.synthesis.bank_copies > 0:
         tf = build_transform(p)
-        train = [r for r in load_records(p) if r.split == "train"]
+        train = [r for group in training_groups(p, load_records(p)).values() for r in group]  # tiles too
         for i, rec in enumerate(tqdm(train, desc="synthesize", leave=False, disable=not progress)):
             unit = tf.to_unit(read_rgb(rec.path)).permute(1, 2, 0).numpy()
             for c in range(p.synthesis.bank_copies):

@@ -165,6 +165,8 @@ def train_group(
         model=model.config,
         resize=p.data.image_size,
         geometry=geometry(p),
+        tile=p.data.tile_size,
+        tile_overlap=p.data.tile_overlap,
         categories=tuple(sorted({r.category for r in recs})),
         group=group,
         dataset=p.data.name,
