@@ -42,3 +42,6 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         msg = f"{name} must be one of {allowed}, got {value!r}."
         raise ValueError(msg)
+
+
+MAX_TILE_OVERLAP = 0.9  # tile geometry: beyond it the tile count explodes (1 / (1 - overlap)² per tile area)

@@ -1,7 +1,8 @@
 """The orchestration layer: params.yaml, the DVC stages, Prefect flows, MLflow tracking, Optuna sweeps, serving.
 
 Importing it turns telemetry off for every tool it drives, including servers they start in other
-processes (Prefect's temporary API server checks only its own setting, not ``DO_NOT_TRACK``).
+processes (Prefect's temporary API server checks only its own setting, not ``DO_NOT_TRACK``), and
+pins the CPU kernels (:func:`pin_cpu_kernels`) before any of them runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ TELEMETRY_OFF = {
     "DVC_NO_ANALYTICS": "1",
 }
 TRUTHY = ("1", "true", "yes")
+# The same CPU kernels on every x86 CPU with AVX2 + FMA (an AVX-512/AMX CPU would otherwise take its
+# own code paths in ATen, MKL and oneDNN, whose rounding differs): measured, each of these changes
+# the trained weights' bits, and pinned they are the kernels an AVX2-only CPU runs anyway.
+CPU_KERNEL_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+KERNELS_ENV = "INPFORMER_CPU_KERNELS"  # avx2 (default) | native (each CPU's fastest kernels; bits differ by CPU)
+CPUINFO = "/proc/cpuinfo"
 
 
 def telemetry_off() -> None:
@@ -25,4 +32,26 @@ def telemetry_off() -> None:
         os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 
+def has_avx2(cpuinfo: str = CPUINFO) -> bool:
+    """Whether this (Linux) CPU has AVX2 and FMA; False when that cannot be read (another OS, ARM)."""
+    try:
+        with open(cpuinfo) as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def pin_cpu_kernels(cpuinfo: str = CPUINFO) -> dict[str, str]:
+    """Default :data:`CPU_KERNEL_PINS` (a value already set wins) unless ``INPFORMER_CPU_KERNELS=native``
+    or the CPU lacks AVX2; returns what is pinned. Takes effect when set before the first tensor
+    operation (ATen, MKL and oneDNN read these lazily)."""
+    if os.environ.get(KERNELS_ENV, "avx2").strip().lower() == "native" or not has_avx2(cpuinfo):
+        return {}
+    for key, value in CPU_KERNEL_PINS.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in CPU_KERNEL_PINS}
+
+
 telemetry_off()
+pin_cpu_kernels()

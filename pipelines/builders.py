@@ -7,6 +7,9 @@ Decisions that depend on several sections are made here once: whether residual l
 from __future__ import annotations
 
 import logging
+import os
+import platform
+import warnings
 from dataclasses import fields
 
 import torch
@@ -16,6 +19,7 @@ from components.engine.losses import DiceLoss, NormalPatternLoss
 from components.engine.train_config import TrainConfig
 from components.model import EncoderWeightsError, InpFormer, InpFormerConfig, load_pretrained
 from components.scoring.inference import ScoringConfig
+from pipelines import CPU_KERNEL_PINS, CPUINFO, has_avx2
 from pipelines.config import Params
 from pipelines.view import build_transform, geometry
 
@@ -23,12 +27,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "WEIGHT_KEYS",
+    "apply_cpu_policy",
     "build_loss",
     "build_model",
     "build_scoring",
     "build_synthesizer",
     "build_train_config",
     "build_transform",
+    "cpu_runtime",
     "geometry",
     "model_config",
     "residual_mode",
@@ -38,6 +44,41 @@ __all__ = [
 MODEL_RENAMES = {"encoder": "encoder_name"}  # model params key → InpFormerConfig field
 # The params keys behind load_pretrained's arguments (named in its errors by the pipeline).
 WEIGHT_KEYS = ("model.pretrained", "model.weights", "model.weights_dir", "model.download")
+
+
+def apply_cpu_policy(p: Params, threads: bool = True) -> None:
+    """The CPU arithmetic of train, evaluate and noise: ``train.num_threads`` threads (0: torch's
+    default; the bits depend on it) unless ``threads`` is false (a sweep worker sets its own share),
+    and, with the kernels pinned (:func:`pipelines.pin_cpu_kernels`), oneDNN off: measured, its
+    convolutions round by the CPU's ISA (and their blocking by its caches) while ATen's own
+    convolution through MKL's pinned GEMM does not, and is no slower at these sizes."""
+    if threads and p.train.num_threads:
+        torch.set_num_threads(p.train.num_threads)
+    if kernels_pinned():
+        torch.backends.mkldnn.enabled = False
+
+
+def kernels_pinned() -> bool:
+    """Whether this process runs the pinned CPU kernels (``INPFORMER_CPU_KERNELS`` is not ``native``)."""
+    return os.environ.get("MKL_CBWR", "") == CPU_KERNEL_PINS["MKL_CBWR"] and has_avx2()
+
+
+def cpu_runtime() -> dict[str, str]:
+    """What decides the CPU arithmetic of this process (MLflow tags, never committed files): the
+    ATen kernels, MKL's code path, the thread count and the CPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open(CPUINFO) as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR", "unset"),
+        "onednn": str(torch.backends.mkldnn.enabled),
+        "num_threads": str(torch.get_num_threads()),
+        "cpu": cpu,
+    }
 
 
 def resolve_device(name: str, key: str = "train.device") -> str:
@@ -69,12 +110,17 @@ def build_model(p: Params) -> InpFormer:
     model = InpFormer(model_config(p))
     m = p.model
     try:
-        loaded = load_pretrained(model.encoder, m.pretrained, m.weights or None, m.weights_dir, m.download)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = load_pretrained(model.encoder, m.pretrained, m.weights or None, m.weights_dir, m.download)
     except EncoderWeightsError as err:
         msg = f"{err} In params: {', '.join(WEIGHT_KEYS)}."
         raise EncoderWeightsError(msg) from err
-    if not loaded and m.pretrained == "auto":
-        logger.warning("Encoder is random-init: set model.weights or put the file into model.weights_dir.")
+    for w in caught:  # one line for the random-init banner (with the params to set), others as they were
+        if not loaded and "RANDOM-INIT" in str(w.message):
+            logger.warning("%s In params: set model.weights or put the file into model.weights_dir.", w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return model
 
 

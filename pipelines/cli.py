@@ -1,5 +1,5 @@
 """``inpformer`` command line: check | prepare | synthesize | train | evaluate | predict | export | app | sweep |
-pipeline | serve | serve-scoring.
+noise | reproduce | pipeline | serve | serve-scoring.
 
 Every command accepts ``--params PATH`` (default params.yaml) and repeated ``--set KEY=VALUE``;
 the params are validated before any work starts.
@@ -19,7 +19,6 @@ from typing import Any
 from components.constants import DATASET_KINDS
 from components.errors import DownloadError, EncoderWeightsError, ExportParityError, RuntimeMissingError
 from components.files import DiskFullError, LockedError, disk_full_message, is_disk_full
-from pipelines import stages
 from pipelines.config import ConfigError, Params, load_params
 from pipelines.errors import CommandFailed
 from pipelines.tracking.runs import hermetic_env
@@ -145,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: serve.watch_out)")
     p.add_argument("--name", default="scoring", help="deployment name")
     p.add_argument("--once", action="store_true", help="run the flow once now instead of serving the schedule")
+    p = sub.add_parser("noise", help="the noise floor: train k seeds of the config, mean ± std per metric")
+    _common(p)
+    p.add_argument("--seeds", type=int, default=3, help="seeds to train (seed, seed+1, ...; default 3)")
+    p = sub.add_parser("reproduce", help="rebuild a registered version from its record and compare its metrics")
+    _common(p)
+    p.add_argument("ref", help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/... or a run id")
+    p.add_argument("--keep", action="store_true", help="keep the scratch worktree (its path is printed)")
     p = sub.add_parser("pipeline", help="run the Prefect pipeline flow once (DVC stages as tasks)")
     _common(p)
     p = sub.add_parser("serve", help="serve the Prefect pipeline flow with a cron schedule")
@@ -215,6 +221,8 @@ def _torchrun(nproc: int, args: list[str]) -> int:
 
 
 def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
+    from pipelines import stages  # torch and the stages: not needed for --help or a params error
+
     if args.command == "check":
         stages.check(params)
     elif args.command == "prepare":
@@ -228,10 +236,11 @@ def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
     elif args.command == "evaluate":
         stages.evaluate(params, progress=progress)
     elif args.command == "sweep":
-        from pipelines.sweep.study import apply_best, run_sweep  # optuna: imported only by the commands that need it
+        from pipelines.sweep.apply import apply_best
+        from pipelines.sweep.study import run_sweep  # optuna: imported only by the commands that need it
 
         if args.apply:
-            return apply_best(params, args.params, args.exp_name)
+            return apply_best(params, args.params, args.exp_name, args.overrides)
         if args.prefect_pool:
             params.sweep.prefect_pool = args.prefect_pool
         run_sweep(params, args.params, args.overrides, args.n_trials, args.timeout, args.workers, progress)
@@ -264,6 +273,14 @@ def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
             print(f"scored {summary['scored']} new image(s), {summary['flagged']} flagged ({summary['version']})")
         else:
             serve_scoring(args.watch, args.cron, args.model, args.out, args.name, args.overrides, args.params)
+    elif args.command == "noise":
+        from pipelines.repro.noise import measure_noise  # trains: imported only here
+
+        measure_noise(params, args.seeds, progress)
+    elif args.command == "reproduce":
+        from pipelines.repro.reproduce import reproduce  # git/dvc: imported only here
+
+        return reproduce(params, args.ref, keep=args.keep)
     elif args.command == "pipeline":
         from pipelines.flows import pipeline  # prefect: imported only by the commands that need it
 

@@ -203,17 +203,56 @@ def pipeline(
     if overrides:
         name = experiment_name or "prefect-" + "-".join(o.replace("=", "_").replace(".", "_") for o in overrides)[:60]
         metrics = run_experiment(list(overrides), name, root)
-        return publish_metrics(metrics, f"DVC experiment {name} ({', '.join(overrides)})")
+        run_id = experiment_run_id(Path(root), name)
+        return publish_metrics(metrics, f"DVC experiment {name} ({', '.join(overrides)})", run_id)
     changed = changed_stages(root)
     if not changed:
         note = "No stage changed since the last run (no new or changed source images, code or params): nothing ran."
         create_markdown_artifact(key="inpformer-no-change", markdown=note)
         return Completed(name=NO_CHANGE, message=note)
     print(f"Changed: {', '.join(changed)}; rerunning from there.")
+    before = _metrics_bytes(Path(root))
     for stage in STAGES:
         stage_task(stage)(stage, root)  # DVC skips the unchanged ones
     metrics, run_id = _workspace_metrics(Path(root))
+    if _metrics_bytes(Path(root)) == before and "evaluate" not in changed:
+        note = (
+            f"{', '.join(changed)} reran, but their outputs did not change, so nothing downstream reran and the "
+            "metrics are the previous run's (e.g. new images in sources/ that data.source does not point at)."
+        )
+        create_markdown_artifact(key="inpformer-no-change", markdown=note)
+        return Completed(name=NO_CHANGE, message=note)
     return publish_metrics(metrics, f"Pipeline rerun ({', '.join(changed)} changed)", run_id)
+
+
+def _metrics_bytes(root: Path) -> bytes:
+    path = root / METRICS_FILE
+    return path.read_bytes() if path.is_file() else b""
+
+
+def experiment_run_id(root: Path, name: str) -> str:
+    """The MLflow parent run of DVC experiment ``name`` ('' when tracking is off or none is found)."""
+    p = load_params(root / "params.yaml")
+    if not p.tracking.enabled:
+        return ""
+    from mlflow import MlflowClient
+
+    from pipelines.tracking.runs import PIPELINE_STAGE, open_tracking
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(root)
+        open_tracking(p)
+        client = MlflowClient()
+        exp = client.get_experiment_by_name(p.tracking.experiment)
+        if exp is None:
+            return ""
+        safe = name.replace("'", "\\'")
+        query = f"tags.dvc_exp_name = '{safe}' and tags.stage = '{PIPELINE_STAGE}'"
+        runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else ""
+    finally:
+        os.chdir(cwd)
 
 
 def serve(cron: str = "0 2 * * *", name: str = "nightly", params_path: str = "params.yaml") -> None:

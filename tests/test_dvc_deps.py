@@ -3,8 +3,9 @@
 params keys it reads (leaf keys; a whole section only where the stage reads the section whole);
 and dvc.lock matches the code.
 
-``tracking.*`` and ``limits.*`` are never stage params: where runs are recorded, and guards that only
-refuse or wait, change no output DVC versions. The ``check`` stage depends on params.yaml whole.
+``tracking.*``, ``registry.*`` and ``limits.*`` are never stage params: where runs are recorded, the
+champion gate, and guards that only refuse or wait, change no output DVC versions. The ``check``
+stage depends on params.yaml whole.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ VARIANTS = {
     "validation_thresholds": ["eval.threshold.split=validation"],
     "zero_shot": ["setting.kind=zero_shot", "setting.zero_shot_source=artifacts/models/all"],
 }
-UNTRACKED_SECTIONS = ("tracking", "limits")  # where runs go; guards that only refuse: no output depends on them
+UNTRACKED_SECTIONS = ("tracking", "limits", "registry")  # where runs go, the gate, guards: no output depends on them
 WHOLE_PARAMS_USES = ("model_dump",)  # p.model_dump(): the DDP consistency check and the checkpoint folder name
 
 

@@ -126,3 +126,4 @@ def test_scheduled_reruns_and_a_deployment_run_with_overrides(tmp_path, monkeypa
         assert "ui-g2" in names
         table = _artifact("inpformer-metrics")
         assert "ui-g2" in table.description and "mad" in table.data
+        assert "/#/runs/" in table.description and "tracking disabled" not in table.description  # the exp's run

@@ -133,9 +133,7 @@ def test_coverage_warning_names_the_geometry_and_folder_data_default_to_full(tmp
     assert "coverage" not in caplog.text
 
 
-def test_prepare_puts_the_view_share_in_the_count_table_and_warns_early(
-    tmp_path, monkeypatch, caplog
-) -> None:
+def test_prepare_puts_the_view_share_in_the_count_table_and_warns_early(tmp_path, monkeypatch, caplog) -> None:
     from pipelines import stages
 
     cat = tmp_path / "src" / "part"

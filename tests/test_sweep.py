@@ -56,12 +56,13 @@ def test_two_workers_share_one_study_exactly(project) -> None:
     numbers = [t.number for t in study.trials]
     assert len(numbers) == 3 and sorted(numbers) == [0, 1, 2]
     assert all(t.state.is_finished() for t in study.trials)
+    assert study.metric_names == ["mad"]  # the dashboard's label, not "Objective 0"
     assert summary["trials"] == 3
     best = yaml.safe_load((project / "artifacts" / "sweep" / "best_params.yaml").read_text())
     assert set(best) == {"model.num_prototypes", "loss.gamma", "loss.lam"}  # the searched keys only
     assert best == study.best_trial.params  # not train.epochs=1 etc.: applying trains at full length
     command = (project / "artifacts" / "sweep" / "best_command.txt").read_text()
-    assert command.startswith("dvc exp run -n inpformer-sweep-best -S loss.gamma=") and "epochs" not in command
+    assert command.startswith("dvc exp run --temp -n inpformer-sweep-best -S loss.gamma=") and "epochs" not in command
     assert (project / "artifacts" / "sweep" / "optimization_history.png").is_file()
     load_params("params.yaml", [f"{k}={v}" for k, v in best.items()])  # the applied params validate
 

@@ -23,11 +23,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from components.constants import MAX_TILE_OVERLAP
+
 __all__ = ["GEOMETRIES", "IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform", "View"]
 
 GEOMETRIES = ("center_crop", "full", "letterbox", "tile")
-
-MAX_TILE_OVERLAP = 0.9  # beyond it the tile count explodes (1 / (1 - overlap)² tiles per tile area)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -250,8 +250,7 @@ def load_pretrained(
         if mode is True:
             raise EncoderWeightsError(advice + " Or pass pretrained='auto' or False.") from err
         banner = "RANDOM-INIT ENCODER: " + advice + " Results will not be comparable to the paper."
-        warnings.warn(banner, stacklevel=2)
-        logger.warning(banner)
+        warnings.warn(banner, stacklevel=2)  # once: the pipeline turns it into one log line with its params
         return False
     encoder.pretrained_loaded = True
     encoder.weights_source = str(path)

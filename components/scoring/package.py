@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from components.data.transforms import GEOMETRIES, MAX_TILE_OVERLAP, ImageTransform
+from components.constants import MAX_TILE_OVERLAP
+from components.data.transforms import GEOMETRIES, ImageTransform
 from components.files import atomic_write_text
 from components.model.config import InpFormerConfig
 from components.scoring.decision import CategoryThresholds, DecisionRule

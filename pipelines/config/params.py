@@ -25,13 +25,13 @@ from components.constants import (
     ENCODER_DTYPES,
     FUSED_L2_NORMS,
     MAP_KINDS,
+    MAX_TILE_OVERLAP,
     MSE_REDUCTIONS,
     PATCH_SIZE,
     POS_EMBED_INTERPOLATIONS,
     RESIDUAL_MODES,
     SEG_HEAD_LAYOUTS,
 )
-from components.data.transforms import MAX_TILE_OVERLAP
 from pipelines.config.base import SETTING_KINDS, ConfigError, Device, Seed, Slug, StrictParams, check_slug
 from pipelines.config.deploy import ExportParams, ServeParams, ThresholdParams
 from pipelines.config.overrides import OverrideError, apply_overrides, flatten, set_dotted
@@ -187,6 +187,7 @@ class TrainParams(StrictParams):
     progress_every_s: float = Field(30.0, gt=0)  # without a progress bar (dvc repro): a line this often
     keep_checkpoints: int = Field(2, ge=1)  # a damaged newest checkpoint falls back to an older one
     deterministic: bool = True
+    num_threads: int = Field(0, ge=0)  # CPU threads of train and evaluate (0: torch's default, all cores)
     feature_cache: bool = False  # cache the frozen encoder's outputs (fp16, memory-mapped) across epochs
     feature_cache_verify: Literal[CACHE_VERIFY_MODES] = "full"  # type: ignore[valid-type]
 
@@ -222,6 +223,20 @@ class TrackingParams(StrictParams):
     log_model: bool = True
     required: bool = False  # true: a tracking error stops the stage; false: it warns and the work goes on
     timeout_s: float = Field(10.0, gt=0)  # wait this long for a locked SQLite tracking database
+
+
+class RegistryParams(StrictParams):
+    """The champion gate (promotion in the MLflow registry; no output depends on it: not a stage param)."""
+
+    min_gain: Literal["auto"] | float = "auto"  # mAD gain over the champion to promote; auto: from the noise floor
+    noise_multiple: float = Field(2.0, ge=0)  # auto: this many std of the scope's measured mAD (inpformer noise)
+    reproduce_tolerance: float = Field(0.02, ge=0)  # inpformer reproduce, per metric, when no noise was measured
+
+    @model_validator(mode="after")
+    def _gain(self) -> RegistryParams:
+        if self.min_gain != "auto" and not 0 <= float(self.min_gain) < 1:
+            raise ValueError(f"registry.min_gain ({self.min_gain}) must be auto or a mAD difference in [0, 1)")
+        return self
 
 
 class SweepParams(StrictParams):
@@ -274,6 +289,7 @@ class Params(StrictParams):
     train: TrainParams = Field(default_factory=TrainParams)
     eval: EvalParams = Field(default_factory=EvalParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
     sweep: SweepParams = Field(default_factory=SweepParams)
     export: ExportParams = Field(default_factory=ExportParams)
     serve: ServeParams = Field(default_factory=ServeParams)

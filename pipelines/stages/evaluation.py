@@ -22,7 +22,7 @@ from components.model import InpFormer
 from components.scoring.decision import CategoryThresholds, calibrate
 from components.scoring.inference import InferenceResult, ScoringConfig, predict
 from components.scoring.package import ModelPackage, write_package
-from pipelines.builders import build_scoring, build_transform, check_memory, resolve_device
+from pipelines.builders import apply_cpu_policy, build_scoring, build_transform, check_memory, resolve_device
 from pipelines.config import Params
 from pipelines.paths import (
     ARTIFACTS,
@@ -36,7 +36,7 @@ from pipelines.paths import (
     remove_tree,
 )
 from pipelines.stages.eval_checks import json_safe, pixel_known, pixel_truth, threshold_sanity
-from pipelines.stages.records import evaluation_records, load_records, manifest_hash, training_groups
+from pipelines.stages.records import data_hash, evaluation_records, load_records, manifest_hash, training_groups
 from pipelines.stages.reporting import markdown_table
 from pipelines.stages.scored_model import check_model_scope, snapshot_model, untested_categories
 from pipelines.tracking.guard import tracking_failed
@@ -106,6 +106,7 @@ def evaluate(p: Params, progress: bool = True) -> dict[str, Any]:
 
 
 def _evaluate(p: Params, progress: bool) -> dict[str, Any]:
+    apply_cpu_policy(p)
     device = resolve_device(p.train.device)
     tf = build_transform(p)
     records = load_records(p)
@@ -279,6 +280,7 @@ def _track(p: Params, ev: Evaluation) -> None:
     mean = ev.mean()
     maps = ",".join({s.map_kind for s in ev.scoring.values()})
     tags = {"encoder_pretrained": all(ev.pretrained.values()), "map": maps, "manifest_hash": manifest_hash(p)}
+    tags["data_hash"] = data_hash(p)  # the bytes scored and trained on (inpformer reproduce compares it)
     flat = dict(mean)
     for cat, vals in ev.per_category.items():
         flat.update({f"{safe_metric_name(cat)}/{k}": v for k, v in vals.items()})

@@ -10,6 +10,7 @@ from typing import Any
 
 from components.data.datasets import Record, write_manifest
 from components.data.download import DATASET_SOURCES, GIB, ExtractLimits, fetch_dataset
+from components.data.io import is_image_file
 from components.data.readers import (
     MVTEC_CATEGORIES,
     ScanReport,
@@ -42,6 +43,7 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
     source = source if source is not None else p.data.source
     if kind == "dtd":  # the texture source of the pseudo anomalies, not a dataset to index
         return prepare_textures(source, extract_limits(p))
+    _unread_sources(kind, source, p.synthesis.texture_dir)
     if source and not Path(source).resolve().is_relative_to(SOURCES_DIR.resolve()):
         logger.warning(
             "data.source %s is outside %s/: DVC cannot see new or changed images there, so `dvc repro` and "
@@ -64,6 +66,29 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
     print(format_table(count_table(records, report.empty_masks, coverage)))
     _print_report(report)
     return manifest_path(name)
+
+
+def _unread_sources(kind: str, source: str, textures: str) -> None:
+    """Warn when sources/ holds images this prepare does not read (a rerun triggered by them changes
+    nothing); the pseudo-anomaly textures (``synthesis.texture_dir``) are read elsewhere."""
+    if not SOURCES_DIR.is_dir():
+        return
+    used = [Path(d).resolve() for d in (source, textures) if d]
+    images = [
+        f for f in SOURCES_DIR.rglob("*") if is_image_file(f) and not any(f.resolve().is_relative_to(u) for u in used)
+    ]
+    if images:
+        logger.warning(
+            "%s/ holds %d image(s) that this prepare does not read (data.dataset=%s, data.source=%s), e.g. %s: "
+            "DVC reran prepare because they changed, but the results will not. To use them set data.dataset: "
+            "folder and data.source: %s/<folder>.",
+            SOURCES_DIR,
+            len(images),
+            kind,
+            source or "(empty)",
+            images[0],
+            SOURCES_DIR,
+        )
 
 
 def prepare_textures(source: str | None, limits: ExtractLimits | None = None) -> Path:

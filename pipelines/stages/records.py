@@ -9,13 +9,17 @@ from collections import defaultdict
 from components.data.datasets import Record, read_manifest
 from components.data.semi import select_anomalies
 from components.data.tiling import tile_records
+from components.files import file_digest
 from pipelines.builders import build_transform
 from pipelines.config import Params
 from pipelines.paths import TILE_CACHE_DIR, manifest_path, synth_index
 
 logger = logging.getLogger(__name__)
 
+DATA_HASH = "blake2b"  # of each data file (fast; the record keeps the SHA-256 of the list)
+
 __all__ = [
+    "data_hash",
     "evaluation_records",
     "load_records",
     "manifest_hash",
@@ -52,6 +56,21 @@ def manifest_hash(p: Params) -> str:
     h = hashlib.sha256()
     for n in [p.data.name, *p.data.extra_sources]:
         h.update(manifest_path(n).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def data_hash(p: Params) -> str:
+    """A short digest of the data in use: the manifests and the bytes of every image and mask they
+    list (recorded with every evaluation; ``inpformer reproduce`` compares it). Unlike
+    :func:`manifest_hash` it sees an image edited in place, inside or outside the workspace."""
+    h = hashlib.sha256()
+    for n in [p.data.name, *p.data.extra_sources]:
+        manifest = manifest_path(n)
+        h.update(manifest.read_bytes())
+        for r in read_manifest(manifest):
+            for path in (r.path, r.mask_path):
+                if path:
+                    h.update(file_digest(path, DATA_HASH).encode())
     return h.hexdigest()[:16]
 
 

@@ -19,7 +19,7 @@ from components.engine.training import train as train_model
 from components.evaluation.coverage import mask_coverage
 from components.files import atomic_write_text, exclusive_lock
 from components.scoring.package import ModelPackage, Provenance
-from pipelines.builders import build_transform, geometry, resolve_device
+from pipelines.builders import apply_cpu_policy, build_transform, cpu_runtime, geometry, resolve_device
 from pipelines.config import Params
 from pipelines.paths import (
     ARTIFACTS,
@@ -64,6 +64,7 @@ def train(p: Params, progress: bool = True, resume: bool = True) -> dict[str, An
     An interrupted training resumes from its checkpoints and continues its MLflow runs (the parent
     and each group's), so the epoch curves stay whole.
     """
+    apply_cpu_policy(p)
     ctx = init_from_env(resolve_device(p.train.device))
     check_same_config(ctx, json.dumps(p.model_dump(mode="json"), sort_keys=True))
     if not ctx.main:  # DDP: rank 0 tracks, checkpoints and writes; the others only train
@@ -189,6 +190,7 @@ def train_group(
                 f"defect pixels; {cov.outside} of {cov.images} masked defect images lie wholly outside it"
             )
     tags = {"group": group, "encoder_pretrained": model.pretrained_loaded, "manifest_hash": manifest_hash(p)}
+    tags.update(cpu_runtime())  # which CPU arithmetic produced these bits
     if ctx.active:
         tags["ranks"] = ctx.world
     previous = _run_record(checkpoints.folder) if resume else ""

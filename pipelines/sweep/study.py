@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -36,9 +34,11 @@ import yaml
 from optuna.visualization import matplotlib as ovm
 
 from components.files import atomic_write_text
+from pipelines.builders import apply_cpu_policy
 from pipelines.config import Params, load_params
 from pipelines.paths import SWEEP_DIR, manifest_path, synth_index
 from pipelines.stages import prepare, synthesize
+from pipelines.sweep.apply import BEST_PARAMS_FILE, apply_command, beats_noise
 from pipelines.sweep.command import WORKER_ENV, start_workers, stop_workers
 from pipelines.sweep.objective import SweepRun, build_objective, cached_validation_split
 from pipelines.tracking.runs import MlflowTrialCallback, active_run_id, tracked_run
@@ -51,8 +51,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BEST_PARAMS_FILE",
     "ProgressCallback",
-    "apply_best",
-    "apply_command",
     "fail_lost_trials",
     "open_study",
     "run_sweep",
@@ -61,7 +59,6 @@ __all__ = [
     "write_results",
 ]
 
-BEST_PARAMS_FILE = SWEEP_DIR / "best_params.yaml"
 
 SWEEP_ID_ENV = "INPFORMER_SWEEP_ID"  # set in worker processes: this sweep's id (tags its trials)
 WORKER_ATTR = "worker"  # trial user attribute: "<sweep id>/<worker index>"
@@ -97,7 +94,7 @@ def _pruner(name: str) -> optuna.pruners.BasePruner:
 def open_study(p: Params, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
     """Create or load the study (seeded TPE, offset by the worker index)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=p.sweep.study,
         storage=_storage(p.sweep.storage, p.sweep.heartbeat_s, p.sweep.grace_s),
         load_if_exists=True,
@@ -105,10 +102,16 @@ def open_study(p: Params, pruner: optuna.pruners.BasePruner | None = None) -> op
         sampler=optuna.samplers.TPESampler(seed=p.sweep.seed + int(os.environ.get(WORKER_ENV, "0"))),
         pruner=pruner or _pruner(p.sweep.pruner),
     )
+    if study.metric_names is None:  # the dashboard's axis: "mad", not "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([p.sweep.metric])
+    return study
 
 
 def run_worker(run: SweepRun, n_trials: int, timeout: float | None, parent_run_id: str) -> None:
     """Run ``n_trials`` trials of the shared study in this process."""
+    apply_cpu_policy(run.params, threads=False)  # the kernels train runs; the thread share is the sweep's
     study = open_study(run.params, run.pruner)
     train_recs, val = cached_validation_split(run.params)
     inner = build_objective(run, train_recs, val)
@@ -293,6 +296,7 @@ def write_results(p: Params, params_path: str, overrides: list[str]) -> dict[str
     command = apply_command(best.params, f"{p.sweep.study}-best")
     atomic_write_text(SWEEP_DIR / "best_command.txt", " ".join(command) + "\n")
     summary.update(best_value=best.value, best_params=best.params, best_trial=best.number, command=" ".join(command))
+    summary["beats_noise"] = beats_noise(p, [t.value for t in complete], best.value)
     atomic_write_text(SWEEP_DIR / "summary.json", json.dumps(summary, indent=2, default=str))
     _plots(study)
     print(f"Best {p.sweep.metric} = {best.value:.4f} (trial {best.number}): {best.params}")
@@ -302,27 +306,6 @@ def write_results(p: Params, params_path: str, overrides: list[str]) -> dict[str
     )
     print(f"Dashboard: optuna-dashboard {p.sweep.storage} --host 127.0.0.1 --port 8081")
     return summary
-
-
-def apply_command(best: dict[str, Any], name: str) -> list[str]:
-    """``dvc exp run -n NAME -S KEY=VALUE ...``: the best values on top of params.yaml as it is."""
-    sets = [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in sorted(best.items())]
-    return ["dvc", "exp", "run", "-n", name] + [x for s in sets for x in ("-S", s)]
-
-
-def apply_best(p: Params, params_path: str, name: str | None = None) -> int:
-    """Run the best params as a DVC experiment (train → evaluate → register through the champion gate)."""
-    if not BEST_PARAMS_FILE.is_file():
-        msg = f"{BEST_PARAMS_FILE} not found: run `inpformer sweep` first."
-        raise FileNotFoundError(msg)
-    best = yaml.safe_load(BEST_PARAMS_FILE.read_text()) or {}
-    command = apply_command(best, name or f"{p.sweep.study}-best")
-    load_params(params_path, [c for c in command[5:] if c != "-S"])  # validate before DVC starts
-    dvc = Path(sys.executable).parent / "dvc"
-    if dvc.exists():
-        command[0] = str(dvc)
-    print("$ " + " ".join(command))
-    return subprocess.run(command, check=False).returncode
 
 
 def _plots(study: optuna.Study) -> None:

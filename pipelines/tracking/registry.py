@@ -33,6 +33,7 @@ import yaml
 
 from components.engine.checkpoint import repackage
 from components.scoring.package import ModelPackage
+from pipelines.repro.record import min_gain
 from pipelines.tracking.runs import active_run_id, git_commit
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ __all__ = [
     "library_versions",
     "log_and_register_model",
     "pinned_requirements",
+    "promotion",
     "should_promote",
 ]
 
@@ -66,24 +68,39 @@ def champion_alias(scope: dict[str, str]) -> str:
     return ALIAS_UNSAFE.sub("_", "-".join(parts))
 
 
-def should_promote(champion_tags: dict[str, str] | None, scope: dict[str, str], mad: float) -> bool:
-    """Whether a new version with ``mad`` in ``scope`` (dataset, setting, group) replaces the champion
-    whose version tags are ``champion_tags``.
+def should_promote(
+    champion_tags: dict[str, str] | None, scope: dict[str, str], mad: float, min_gain: float = 0.0
+) -> bool:
+    """Whether a new version with ``mad`` in ``scope`` replaces the champion (see :func:`promotion`)."""
+    return promotion(champion_tags, scope, mad, min_gain)[0]
+
+
+def promotion(
+    champion_tags: dict[str, str] | None, scope: dict[str, str], mad: float, min_gain: float = 0.0
+) -> tuple[bool, str]:
+    """Whether a new version with ``mad`` in ``scope`` (dataset, setting, group, metric set) replaces
+    the champion whose version tags are ``champion_tags``, and why.
 
     Never with a NaN or infinite mAD; always when there is no champion; otherwise only when the
-    champion is of the same scope and ``mad`` is strictly better (or the champion's is not finite).
+    champion is of the same scope and ``mad`` beats its mAD by more than ``min_gain`` (the noise
+    floor: a gain inside it is not evidence), or the champion's mAD is not finite.
     """
     if not math.isfinite(mad):
-        return False
+        return False, f"mAD {mad} is not finite"
     if champion_tags is None:
-        return True
+        return True, "no champion yet"
     if any(champion_tags.get(k, SCOPE_DEFAULTS.get(k, "")) != v for k, v in scope.items()):
-        return False
+        return False, "the champion is of another scope (dataset, setting, group or metric set)"
     try:
         current = float(champion_tags.get("mad", "nan"))
     except ValueError:
-        return True
-    return not math.isfinite(current) or mad > current
+        return True, "the champion records no mAD"
+    if not math.isfinite(current):
+        return True, "the champion's mAD is not finite"
+    gain = mad - current
+    if gain > min_gain:
+        return True, f"mAD {mad:.4f} beats the champion's {current:.4f} by {gain:+.4f} > min_gain {min_gain:.4f}"
+    return False, f"mAD {mad:.4f} vs the champion's {current:.4f}: {gain:+.4f} is not more than min_gain {min_gain:.4f}"
 
 
 def library_versions() -> dict[str, str]:
@@ -200,10 +217,12 @@ def log_and_register_model(
     client.set_registered_model_alias(name, CANDIDATE, new)
     scoped = champion_alias(scope)
     previous = _tags_by_alias(client, name, scoped)
-    promoted = promote and should_promote(previous, scope, mad)
+    gain, source = min_gain(p)
+    promoted, reason = promotion(previous, scope, mad, gain) if promote else (False, "promotion is off")
+    print(f"registry: version {new} {'promoted to' if promoted else 'not promoted to'} {scoped}: {reason} ({source})")
     if promoted:
         client.set_registered_model_alias(name, scoped, new)
-    default = promote and should_promote(_tags_by_alias(client, name, CHAMPION), scope, mad)
+    default = promote and should_promote(_tags_by_alias(client, name, CHAMPION), scope, mad, gain)
     if default:
         client.set_registered_model_alias(name, CHAMPION, new)
     return {
@@ -213,4 +232,6 @@ def log_and_register_model(
         "champion": promoted,
         "default_champion": default,
         "previous_champion_mad": float(previous.get("mad", "nan")) if previous else None,
+        "reason": reason,
+        "min_gain": gain,
     }

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from typing import Any
 from components.files import atomic_write_text
 from pipelines.config import Params, flatten
 from pipelines.paths import PIPELINE_RUN_FILE
+from pipelines.tracking.gitinfo import code_dirty, git_commit
 from pipelines.tracking.guard import (
     TRACKING_ROOT_ENV,
     Guarded,
@@ -55,9 +55,11 @@ __all__ = [
     "MlflowTrialCallback",
     "active_run_id",
     "begin_pipeline_run",
+    "code_dirty",
     "git_commit",
     "hermetic_env",
     "log_pipeline_metrics",
+    "open_tracking",
     "pipeline_run_id",
     "safe_metric_name",
     "tracked_run",
@@ -91,17 +93,6 @@ def hermetic_env(root: str | os.PathLike = ".") -> None:
         os.environ.setdefault(k, v)
 
 
-def git_commit(root: str | os.PathLike = ".") -> str:
-    """The current commit (``unknown`` outside git)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def safe_metric_name(name: str) -> str:
     """A category name as an MLflow metric-key prefix (other characters become ``_``)."""
     return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in name)
@@ -133,6 +124,7 @@ def _mlflow(p: Params):
 def _tags(p: Params, stage: str, extra: dict[str, Any] | None = None) -> dict[str, str]:
     return {
         "git_commit": git_commit(),
+        "git_dirty": str(code_dirty()).lower(),
         "dvc_stage": os.environ.get("DVC_STAGE", stage),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "stage": stage,
@@ -226,6 +218,11 @@ def _open_runs(p: Params, stage: str, run_name: str, opts: dict[str, Any], runs:
         )
         _log_params(mlflow, p)
     return Guarded(mlflow, p)
+
+
+def open_tracking(p: Params) -> Any:
+    """The ``mlflow`` module pointed at the params' tracking store (for reading records)."""
+    return _mlflow(p)
 
 
 def active_run_id(mlflow: Any) -> str:
