@@ -192,3 +192,45 @@ def test_noise_is_the_sample_std_over_seeds_and_merges_scopes(tmp_path, monkeypa
     assert min_gain(p, path)[0] == pytest.approx(2 * std)
     with pytest.raises(ValueError, match="at least 2 seeds"):
         noise.measure_noise(p, 1, path=path)
+
+
+def test_the_sweep_says_whether_its_best_trial_beats_the_noise(tmp_path, monkeypatch, capsys) -> None:
+    from pipelines.sweep.apply import beats_noise
+
+    monkeypatch.chdir(tmp_path)
+    p = load_params(ROOT / "params.yaml", [])
+    assert beats_noise(p, [0.60, 0.61, 0.62], 0.62) is None  # no noise measured: unknown, and said so
+    assert "Noise floor unknown" in capsys.readouterr().out
+    Path("metrics").mkdir()
+    Path("metrics/noise.json").write_text(json.dumps(NOISE))  # min_gain 0.02
+    assert beats_noise(p, [0.60, 0.61, 0.62], 0.62) is False  # 0.01 over the median
+    assert beats_noise(p, [0.60, 0.61, 0.64], 0.64) is True  # 0.03 over the median
+    assert "beats the noise: +0.0300" in capsys.readouterr().out
+
+
+def test_sweep_apply_runs_the_committed_baseline_with_its_set_and_refuses_edits(tmp_path, monkeypatch) -> None:
+    from pipelines.sweep import apply
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"], [*git, "commit", "-qm", "base"]):
+        subprocess.run(cmd, check=True)
+    apply.BEST_PARAMS_FILE.parent.mkdir(parents=True)
+    apply.BEST_PARAMS_FILE.write_text("loss.gamma: 2.5\n")
+    ran: list[list[str]] = []
+    real = subprocess.run
+
+    def fake_run(cmd, *a, **kw):
+        if "exp" in cmd:
+            ran.append(cmd)
+            return subprocess.CompletedProcess(cmd, 0)
+        return real(cmd, *a, **kw)
+
+    monkeypatch.setattr(apply.subprocess, "run", fake_run)
+    p = load_params("params.yaml", [])
+    assert apply.apply_best(p, "params.yaml", "tuned", ["train.epochs=1"]) == 0
+    assert ran[0][1:] == ["exp", "run", "--temp", "-n", "tuned", "-S", "loss.gamma=2.5", "-S", "train.epochs=1"]
+    Path("params.yaml").write_text(Path("params.yaml").read_text().replace("epochs: 8", "epochs: 2"))
+    with pytest.raises(ValueError, match="differs from the last commit"):
+        apply.apply_best(p, "params.yaml", "tuned")

@@ -19,6 +19,7 @@ import numpy as np
 import optuna
 
 from components.data.datasets import ImageDataset, Record
+from components.data.tiling import tile_records
 from components.data.validation import make_validation_split
 from components.engine.training import train as train_model
 from components.evaluation.metrics import evaluate_arrays
@@ -27,7 +28,7 @@ from components.model import InpFormer
 from components.scoring.inference import predict
 from pipelines.builders import build_scoring, build_transform
 from pipelines.config import Params, load_params
-from pipelines.paths import SWEEP_DIR
+from pipelines.paths import SWEEP_DIR, TILE_CACHE_DIR
 from pipelines.stages.records import evaluation_records, load_records, semi_supervised_anomalies
 from pipelines.stages.training_data import assemble_training
 
@@ -108,7 +109,8 @@ def build_objective(run: SweepRun, train_recs: list[Record], val: list[Record]):
         trial_overrides = sample_overrides(trial, base.sweep.space)
         p = load_params(run.params_path, [*run.overrides, *trial_overrides])
         trial.set_user_attr("overrides", trial_overrides)
-        job = assemble_training(p, train_recs, all_records, run.progress)
+        tiles = tile_records(train_recs, build_transform(p), TILE_CACHE_DIR)  # as training_groups (tile geometry)
+        job = assemble_training(p, tiles, all_records, run.progress)
         model, cfg = job.model, job.cfg
         wilcoxon = p.sweep.pruner == "wilcoxon"
 
