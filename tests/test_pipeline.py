@@ -159,6 +159,24 @@ def _f1_reference_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean((scores >= threshold) == labels))
 
 
+def test_reproduce_rebuilds_the_champion_from_its_record(dvc_project) -> None:
+    """`inpformer reproduce models:/inpformer@champion`: a scratch worktree at the recorded commit, the
+    recorded params and data, trained and evaluated again: bit-identical on this machine; the
+    workspace, its lock and its worktree list untouched."""
+    proj, env, _ = dvc_project
+    lock = (proj / "dvc.lock").read_bytes()
+    metrics = (proj / "metrics" / "metrics.json").read_bytes()
+    out = subprocess.run(
+        [str(BIN / "inpformer"), "reproduce", "models:/inpformer@champion"],
+        cwd=proj, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "bit-identical" in out.stdout and "mad" in out.stdout  # same machine, kernels and threads
+    assert (proj / "dvc.lock").read_bytes() == lock and (proj / "metrics" / "metrics.json").read_bytes() == metrics
+    worktrees = _run(["git", "worktree", "list"], proj, env).stdout.strip().splitlines()
+    assert len(worktrees) == 1  # the scratch tree is gone
+
+
 def test_champion_predicts_exports_and_serves_per_category(dvc_project) -> None:
     """predict on the raw data → per-category accuracy of the F1 thresholds; export → same decisions."""
     import csv
@@ -219,12 +237,14 @@ def test_user_journey_repro_experiments_compare_sweep_survives(dvc_project) -> N
     before = sorted(p.name for p in (proj / "artifacts" / "sweep").iterdir())
     assert "optuna.db" in before and "best_params.yaml" in before
     applied = _cli(["sweep", "--apply", "--name", "best"], proj, env)  # tuned → a DVC experiment
-    assert "dvc exp run -n best -S loss.gamma=" in applied.stdout
+    assert "dvc exp run --temp -n best -S loss.gamma=" in applied.stdout  # the baseline + the best values
 
-    ran = _stage_runs(_run([dvc, "exp", "run", "-n", "m4", "-S", "model.num_prototypes=4"], proj, env).stdout)
+    exp = [dvc, "exp", "run", "--temp"]  # as the README: each experiment is the baseline + its own -S
+    ran = _stage_runs(_run([*exp, "-n", "m4", "-S", "model.num_prototypes=4"], proj, env).stdout)
     assert ran == {"check", "train", "evaluate"}  # check: params.yaml changed (cheap; outputs unchanged)
-    _run([dvc, "exp", "run", "-n", "g1", "-S", "loss.gamma=1.0"], proj, env)
+    _run([*exp, "-n", "g1", "-S", "loss.gamma=1.0"], proj, env)
     assert sorted(p.name for p in (proj / "artifacts" / "sweep").iterdir()) == before  # the sweep survives
+    assert "up to date" in _run([dvc, "status"], proj, env).stdout.lower()  # the workspace kept its baseline
 
     show = json.loads(_run([dvc, "exp", "show", "--json"], proj, env).stdout)
     mads = _mad_by_experiment(show)
@@ -232,8 +252,17 @@ def test_user_journey_repro_experiments_compare_sweep_survives(dvc_project) -> N
         assert isinstance(mads.get(name), float) and math.isfinite(mads[name]), mads
     baseline = [v for k, v in mads.items() if k not in ("best", "m4", "g1", "workspace")]
     assert baseline and all(isinstance(v, float) and math.isfinite(v) for v in baseline), mads
-    diff = json.loads(_run([dvc, "metrics", "diff", "--json"], proj, env).stdout)
-    assert "mean.mad" in diff["metrics/metrics.json"]  # the workspace (g1) against the baseline commit
+    params = {
+        rev["name"]: rev["data"]["params"]["params.yaml"]["data"]
+        for entry in show
+        for x in entry.get("experiments") or []
+        for rev in x.get("revs") or []
+    }
+    base = yaml.safe_load((proj / "params.yaml").read_text())
+    assert params["g1"]["loss"]["gamma"] == 1.0  # the second experiment has only its own change, not M = 4
+    assert params["g1"]["model"]["num_prototypes"] == base["model"]["num_prototypes"] != 4
+    diff = _run([dvc, "exp", "diff", "HEAD", "g1", "--json"], proj, env).stdout
+    assert "mean.mad" in diff and "loss.gamma" in diff  # the experiment against the baseline commit
     plots = json.loads(_run([dvc, "plots", "show", "--json"], proj, env).stdout)["data"]
     assert any("curves/roc" in k for k in plots) and any("train_history" in k for k in plots)
 
@@ -254,11 +283,10 @@ def test_user_journey_repro_experiments_compare_sweep_survives(dvc_project) -> N
     assert rows["m4"][4] == pytest.approx(mads["m4"]) and rows["g1"][4] == pytest.approx(mads["g1"])
 
 
-def test_moved_workspace_is_up_to_date(tmp_path_factory) -> None:
-    proj, env = make_project(tmp_path_factory.mktemp("moved"))
-    _run([str(BIN / "dvc"), "repro"], proj, env)
-    moved = proj.parent / "elsewhere"
-    shutil.move(proj, moved)
+def test_moved_workspace_is_up_to_date(dvc_project, tmp_path_factory) -> None:
+    proj, env, _ = dvc_project
+    moved = tmp_path_factory.mktemp("moved") / "elsewhere"
+    shutil.copytree(proj, moved, symlinks=True)  # the built workspace, at another path
     status = _run([str(BIN / "dvc"), "status"], moved, env).stdout
     assert "up to date" in status.lower(), status
     again = _run([str(BIN / "dvc"), "repro"], moved, env).stdout

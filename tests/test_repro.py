@@ -234,3 +234,18 @@ def test_sweep_apply_runs_the_committed_baseline_with_its_set_and_refuses_edits(
     Path("params.yaml").write_text(Path("params.yaml").read_text().replace("epochs: 8", "epochs: 2"))
     with pytest.raises(ValueError, match="differs from the last commit"):
         apply.apply_best(p, "params.yaml", "tuned")
+
+
+def test_runs_of_a_temporary_dvc_experiment_land_in_the_workspace_store(tmp_path, monkeypatch) -> None:
+    from pipelines.tracking.guard import TRACKING_ROOT_ENV, sqlite_path, tracking_root
+
+    monkeypatch.delenv(TRACKING_ROOT_ENV, raising=False)
+    temp = tmp_path / "ws" / ".dvc" / "tmp" / "exps" / "tmpab12" / "sub"
+    temp.mkdir(parents=True)
+    monkeypatch.chdir(temp)
+    assert tracking_root() == tmp_path / "ws"
+    assert sqlite_path(load_params(ROOT / "params.yaml", [])) == tmp_path / "ws" / "mlruns" / "mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    assert tracking_root() == Path()
+    monkeypatch.setenv(TRACKING_ROOT_ENV, str(tmp_path / "elsewhere"))
+    assert tracking_root() == tmp_path / "elsewhere"

@@ -82,12 +82,15 @@ def reset_verified() -> None:
 @dataclass(frozen=True)
 class CacheSettings:
     """How a cache is built and checked: encoder device, progress bar, ``verify`` (:data:`CACHE_VERIFY_MODES`),
-    and without a bar a log line every ``report_every_s`` seconds while building."""
+    and without a bar a log line every ``report_every_s`` seconds while building. ``arithmetic``: what
+    decides the encoder's rounding besides its weights (CPU kernels, threads; part of the key, so
+    features computed under other kernels are never trained on)."""
 
     device: str = "cpu"
     progress: bool = False
     verify: str = "full"
     report_every_s: float = 30.0
+    arithmetic: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("verify", self.verify, CACHE_VERIFY_MODES)
@@ -279,7 +282,7 @@ def cached_dataset(
         arr = np.asarray(read_rgb(path), dtype=np.float32) / 255.0
         return tf.normalize(torch.from_numpy(arr).permute(2, 0, 1))
 
-    key = (tf.resize, tf.crop, tf.geometry, CACHE_FORMAT)  # another field of view or pixel policy: another cache
+    key = (tf.resize, tf.crop, tf.geometry, CACHE_FORMAT, *settings.arithmetic)  # another view, policy or kernels
     fp = encoder_fingerprint(model)
     paths = [r.path for r in dataset.records]
     normal = FeatureCache(folder, model, paths, load, key, settings, fp)

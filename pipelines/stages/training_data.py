@@ -29,6 +29,7 @@ from pipelines.builders import (
     build_train_config,
     build_transform,
     check_memory,
+    cpu_runtime,
     residual_mode,
 )
 from pipelines.config import Params
@@ -89,6 +90,8 @@ def training_dataset(
     if kind == "semi_supervised":
         return SemiSupervisedDataset(dataset, semi_supervised_anomalies(p, all_records), tf, seed=p.seed)
     if p.train.feature_cache:
-        settings = CacheSettings(device, progress, p.train.feature_cache_verify, p.train.progress_every_s)
+        runtime = cpu_runtime()  # features computed under other CPU kernels or threads round differently
+        arithmetic = (device, runtime["cpu_kernels"], runtime["mkl_cbwr"], runtime["onednn"], runtime["num_threads"])
+        settings = CacheSettings(device, progress, p.train.feature_cache_verify, p.train.progress_every_s, arithmetic)
         return cached_dataset(model, dataset, FEATURE_CACHE_DIR, settings)
     return dataset

@@ -35,6 +35,7 @@ __all__ = [
     "reset_unavailable",
     "sqlite_path",
     "tracking_failed",
+    "tracking_root",
     "tracking_uri",
 ]
 
@@ -61,11 +62,28 @@ TRACKING_ROOT_ENV = "INPFORMER_TRACKING_ROOT"  # relative tracking paths resolve
 SQLITE_PREFIX = "sqlite:///"
 
 
+DVC_TEMP_EXPS = (".dvc", "tmp", "exps")  # where `dvc exp run --temp` / queued experiments run
+
+
+def tracking_root() -> Path:
+    """Where relative tracking paths resolve: ``INPFORMER_TRACKING_ROOT``; else, inside a DVC temporary
+    experiment copy (``<workspace>/.dvc/tmp/exps/...``), the workspace, so its runs are not deleted
+    with the copy; else the current folder."""
+    if os.environ.get(TRACKING_ROOT_ENV):
+        return Path(os.environ[TRACKING_ROOT_ENV])
+    parts = Path.cwd().parts
+    n = len(DVC_TEMP_EXPS)
+    for i in range(len(parts) - n, 0, -1):
+        if parts[i : i + n] == DVC_TEMP_EXPS:
+            return Path(*parts[:i])
+    return Path()
+
+
 def sqlite_path(p: Params) -> Path | None:
     """The SQLite database file of ``tracking.uri`` (relative paths from the tracking root), or None."""
     if not p.tracking.uri.startswith(SQLITE_PREFIX):
         return None
-    return Path(os.environ.get(TRACKING_ROOT_ENV, ".")) / p.tracking.uri[len(SQLITE_PREFIX) :]
+    return tracking_root() / p.tracking.uri[len(SQLITE_PREFIX) :]
 
 
 def tracking_uri(p: Params) -> str:

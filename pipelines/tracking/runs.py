@@ -44,6 +44,7 @@ from pipelines.tracking.guard import (
     owner_tags,
     sqlite_path,
     tracking_failed,
+    tracking_root,
     tracking_uri,
 )
 
@@ -102,7 +103,7 @@ def _mlflow(p: Params):
     check_available(p)
     import mlflow  # heavy; see the module docstring
 
-    root = Path(os.environ.get(TRACKING_ROOT_ENV, "."))
+    root = tracking_root()
     db = sqlite_path(p)  # an absolute path stays absolute
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
