@@ -91,7 +91,7 @@ def test_scheduled_reruns_and_a_deployment_run_with_overrides(tmp_path, monkeypa
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     nightly = {"root": str(proj)}
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=None):  # None: the 120 s setting in conftest, not 30 s
         first = flows.pipeline(root=str(proj), return_state=True)  # the first build
         assert first.is_completed() and first.name != flows.NO_CHANGE
         assert _train_images(proj) == 8

@@ -35,7 +35,7 @@ def test_scoring_flow_scores_each_new_image_once(tmp_path, monkeypatch) -> None:
     watch.mkdir()
     args = {"watch": str(watch), "out": "scored", "model": "artifacts/models/all", "root": str(tmp_path),
             "overrides": ["train.device=cpu"]}  # fmt: skip
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=None):  # None: the 120 s setting in conftest, not 30 s
         assert scoring_flow(**args)["scored"] == 0  # an empty folder is not an error
         _add_images(watch, ["1.png", "2.png", "3.png"], seed=0)
         first = scoring_flow(**args)

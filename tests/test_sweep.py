@@ -139,7 +139,7 @@ def test_prefect_work_pool_runs_the_trials(project, monkeypatch) -> None:
     from pipelines.cli import main
 
     over = [x for x in TINY if x != "tracking.enabled=false"] + ["train.epochs=1", "sweep.pruner=none"]
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=None):  # None: the 120 s setting in conftest, not 30 s
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "1"}
         prefect = str(Path(sys.executable).with_name("prefect"))
         subprocess.run([prefect, "work-pool", "create", "cpu-pool", "--type", "process"], env=env, check=True,
