@@ -19,6 +19,7 @@ from components.engine.losses import DiceLoss, NormalPatternLoss
 from components.engine.train_config import TrainConfig
 from components.model import EncoderWeightsError, InpFormer, InpFormerConfig, load_pretrained
 from components.scoring.inference import ScoringConfig
+from components.scoring.operating import OperatingPoint
 from pipelines import CPU_KERNEL_PINS, CPUINFO, has_avx2
 from pipelines.config import Params
 from pipelines.view import build_transform, geometry
@@ -37,6 +38,7 @@ __all__ = [
     "cpu_runtime",
     "geometry",
     "model_config",
+    "operating_point",
     "residual_mode",
     "resolve_device",
 ]
@@ -241,3 +243,11 @@ def build_scoring(p: Params, has_head: bool) -> ScoringConfig:
         top_ratio=e.top_ratio,
         fused_l2_norm=e.fused_l2_norm,
     )
+
+
+def operating_point(p: Params) -> OperatingPoint:
+    """``eval.threshold``'s reject rule and review band as an :class:`OperatingPoint`."""
+    t = p.eval.threshold
+    targets = {"f1": 0.0, "none": 0.0, "max_fpr": t.max_fpr, "min_recall": t.min_recall}
+    review = {"none": 0.0, "max_fpr": t.review_max_fpr, "min_recall": t.review_min_recall}
+    return OperatingPoint(t.rule, targets[t.rule], t.review_rule, review[t.review_rule])

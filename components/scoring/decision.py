@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from components.evaluation.metrics import image_metrics, pixel_metrics
+from components.scoring.operating import OperatingPoint, action, rule_threshold
 
 __all__ = ["CategoryThresholds", "DecisionRule", "calibrate", "normalize"]
 
@@ -48,11 +49,14 @@ class CategoryThresholds:
     image_max: float = math.nan
     pixel_min: float = math.nan
     pixel_max: float = math.nan
+    review_threshold: float = math.nan  # the review band's lower end (NaN: no band)
+    review_rule: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CategoryThresholds:
         """From a thresholds table entry; unknown keys are ignored (tables written before the rule)."""
-        return cls(**{k: (v if k == "rule" else float(v)) for k, v in data.items() if k in cls.__dataclass_fields__})
+        text = ("rule", "review_rule")
+        return cls(**{k: (v if k in text else float(v)) for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN stays NaN)."""
@@ -82,6 +86,7 @@ def calibrate(
     masks: np.ndarray | None = None,
     fpr: float = 0.01,
     f1: tuple[float, float] | None = None,
+    point: OperatingPoint | None = None,
 ) -> CategoryThresholds:
     """Thresholds of one category from its calibration images.
 
@@ -91,14 +96,25 @@ def calibrate(
         fpr: target false-positive rate of the quantile rule (used without anomalous images).
         f1: the F1-optimal (image, pixel) thresholds of these very images when already computed
             (the evaluation's metrics): not computed a second time.
+        point: the operating point (:mod:`components.scoring.operating`; default ``f1``, no review
+            band). A rule the images cannot give (``f1`` or ``min_recall`` without anomalous
+            images) falls back to the ``fpr`` quantile, recorded in ``rule``.
     """
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(int)
+    point = point or OperatingPoint()
     normal = scores[labels == 0]
-    if {0, 1} <= set(labels.tolist()):
+    image, rule = math.nan, ""
+    if point.rule == "f1" and {0, 1} <= set(labels.tolist()):
         best = f1[0] if f1 is not None else image_metrics(scores, labels)["image_threshold"]
         image, rule = _midway(scores, best), "f1"
-    else:
+    elif point.rule != "f1":
+        image, rule = rule_threshold(scores, labels, point.rule, point.target), f"{point.rule}={point.target:g}"
+    if not math.isfinite(image):
         image, rule = _quantile(normal, fpr), f"fpr={fpr:g}"
+    review, review_rule = math.nan, ""
+    if point.review_rule != "none" and scores.size:
+        review = rule_threshold(scores, labels, point.review_rule, point.review_target)
+        review_rule = f"{point.review_rule}={point.review_target:g}"
     pixel, pmin, pmax = math.nan, math.nan, math.nan
     if maps is not None and maps.size:
         pmin, pmax = float(np.min(maps)), float(np.max(maps))
@@ -108,7 +124,7 @@ def calibrate(
         else:
             pixel = _quantile(np.asarray(maps)[labels == 0].ravel(), fpr)
     lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (math.nan, math.nan)
-    return CategoryThresholds(image, pixel, rule, lo, hi, pmin, pmax)
+    return CategoryThresholds(image, pixel, rule, lo, hi, pmin, pmax, review, review_rule)
 
 
 def normalize(x: np.ndarray | float, threshold: float, lo: float, hi: float) -> np.ndarray:
@@ -165,6 +181,14 @@ class DecisionRule:
             shown_thr = NORMALIZED_THRESHOLD if threshold is None else float(threshold)
             return shown, shown_thr, decision
         return float(score), float(thr), decision
+
+    def action(self, category: str, score: float) -> str:
+        """``reject`` / ``review`` / ``pass`` of one raw score (the review band below the image
+        threshold, :mod:`components.scoring.operating`); ``unknown`` without a finite threshold."""
+        t = self.of(category)
+        if not math.isfinite(t.image_threshold):
+            return UNKNOWN
+        return action(score, t.image_threshold, t.review_threshold)
 
     def pixel(self, category: str, amap: np.ndarray) -> tuple[np.ndarray, float]:
         """(reported map, its mask threshold) of one raw map (any shape; NaN stays NaN)."""

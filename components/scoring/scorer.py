@@ -100,7 +100,14 @@ def score_pil(
     for category, (full, score) in zip(categories, scored):
         shown, threshold, decision = package.rule.image(category, float(score))
         out.append(
-            {"map": full, "raw_score": float(score), "score": shown, "threshold": threshold, "decision": decision}
+            {
+                "map": full,
+                "raw_score": float(score),
+                "score": shown,
+                "threshold": threshold,
+                "decision": decision,
+                "action": package.rule.action(category, float(score)),
+            }
         )
     return out
 

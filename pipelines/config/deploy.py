@@ -15,6 +15,12 @@ class ThresholdParams(StrictParams):
     """How per-category decision thresholds are calibrated (components/scoring/decision.py)."""
 
     split: Literal["test", "validation"] = "test"  # test: F1-optimal on the evaluated images (paper's F1max)
+    rule: Literal["f1", "max_fpr", "min_recall"] = "f1"  # the reject threshold (components/scoring/operating.py)
+    max_fpr: float = Field(0.01, ge=0, le=1)  # rule max_fpr: flag at most this share of normal calibration images
+    min_recall: float = Field(0.99, ge=0, le=1)  # rule min_recall: flag at least this share of anomalous ones
+    review_rule: Literal["none", "max_fpr", "min_recall"] = "none"  # the review band's lower end ('none': no band)
+    review_max_fpr: float = Field(0.1, ge=0, le=1)
+    review_min_recall: float = Field(0.999, ge=0, le=1)
     validation_fraction: float = Field(0.3, gt=0, lt=1)  # split=validation: share of each category's test images
     fpr: float = Field(0.01, gt=0, lt=1)  # without anomalous calibration images: flag this share of normals
     normalize: bool = False  # report scores normalised so that 0.5 is every category's threshold
@@ -51,3 +57,4 @@ class ServeParams(StrictParams):
         50.0, gt=0
     )  # app: largest request body (checked from Content-Length and while reading)
     max_concurrent: int = Field(2, ge=1)  # app: images scored at once; more requests get 503 at once
+    latency_budget_ms: float = Field(500.0, gt=0)  # promotion gate: batch-1 latency a candidate may take here

@@ -247,6 +247,7 @@ def create_app(p: Params, models: list[str], host: str | None = None) -> FastAPI
             "score": _finite(res["score"], None),
             "threshold": _finite(res["threshold"], None),
             "decision": res["decision"],
+            "action": res["action"],
             "rule": t.rule,
             "range": [_finite(low, res["score"]), _finite(high, res["score"])],  # slider bounds
             "version": pkg.version,

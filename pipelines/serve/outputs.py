@@ -19,7 +19,7 @@ from components.scoring.scorer import encode_map_png
 
 __all__ = ["CSV_COLUMNS", "LOCK_FILE", "MAPS", "OVERLAYS", "STAGING_PREFIX", "output_names", "publish", "save_map"]
 
-CSV_COLUMNS = ("path", "category", "score", "threshold", "decision", "model", "version")
+CSV_COLUMNS = ("path", "category", "score", "threshold", "decision", "action", "raw_score", "model", "version")
 CSV_FILE, JSONL_FILE = "predictions.csv", "predictions.jsonl"
 OVERLAYS, MAPS = "overlays", "maps"
 LOCK_FILE = ".lock"  # one writer per output folder

@@ -339,6 +339,8 @@ def _score(p: Params, package: LoadedModel, loaded: list, staging: Path, save_ma
                 "score": res["score"],
                 "threshold": res["threshold"],
                 "decision": res["decision"],
+                "action": res["action"],  # pass | review | reject (the review band: eval.threshold.review_rule)
+                "raw_score": res["raw_score"],
                 "model": package.label,
                 "version": package.version,
                 "overlay": str(overlay),  # relative to the staging folder until publish() places it

@@ -14,8 +14,8 @@ Params: ``maps`` = ``none`` (default) or ``png`` — the map in the image's own 
 downsampled to ``map_size`` on the longer side, as a base64 16-bit PNG whose value v means
 ``v / 65535 * map_scale``; ``threshold``: override the image threshold (on the reported scale).
 
-Output, one row per image: ``category``, ``score``, ``threshold``, ``decision``
-(anomalous/normal/unknown), ``is_anomalous`` and, on request, ``map_png`` and ``map_scale``.
+Output, one row per image: ``category``, ``score``, ``threshold``, ``decision`` (anomalous/normal/unknown),
+``is_anomalous``, ``action`` (pass | review | reject: the review band) and, on request, ``map_png`` and ``map_scale``.
 Decisions use the per-category thresholds registered with the model (:mod:`components.scoring.decision`).
 """
 
@@ -65,6 +65,7 @@ def model_signature(categories: list[str], map_size: int = DEFAULT_MAP_SIZE) -> 
             ColSpec("double", "threshold"),
             ColSpec("string", "decision"),
             ColSpec("boolean", "is_anomalous"),
+            ColSpec("string", "action"),
             ColSpec("string", "map_png", required=False),
             ColSpec("double", "map_scale", required=False),
         ]
@@ -177,6 +178,7 @@ class InpFormerPyfunc(mlflow.pyfunc.PythonModel):
                     "threshold": thr,
                     "decision": decision,
                     "is_anomalous": decision == ANOMALOUS,
+                    "action": res["action"] if threshold is None else ("reject" if decision == ANOMALOUS else "pass"),
                 }
                 if maps == "png":
                     shown, _ = self.package.rule.pixel(category, res["map"])

@@ -22,7 +22,14 @@ from components.model import InpFormer
 from components.scoring.decision import CategoryThresholds, calibrate
 from components.scoring.inference import InferenceResult, ScoringConfig, predict
 from components.scoring.package import ModelPackage, write_package
-from pipelines.builders import apply_cpu_policy, build_scoring, build_transform, check_memory, resolve_device
+from pipelines.builders import (
+    apply_cpu_policy,
+    build_scoring,
+    build_transform,
+    check_memory,
+    operating_point,
+    resolve_device,
+)
 from pipelines.config import Params
 from pipelines.paths import (
     ARTIFACTS,
@@ -199,7 +206,17 @@ def _thresholds(
         logger.warning("%s: too few test images to hold out; calibrating on the scored ones.", res.categories[:1])
     maps, masks = pixel_truth(res, ev.pixel_known)
     maps = res.maps if masks is None else maps  # without pixel truth: the normal images' pixel quantile
-    found = calibrate(res.scores, res.labels, maps, masks, p.eval.threshold.fpr, known).to_dict()
+    found = calibrate(res.scores, res.labels, maps, masks, p.eval.threshold.fpr, known, operating_point(p)).to_dict()
+    if found["review_threshold"] >= found["image_threshold"]:
+        logger.warning(
+            "%s: the review threshold (%s, %.6g) is not below the reject threshold (%s, %.6g): no image will be "
+            "sent to review. Loosen eval.threshold.review_* or tighten eval.threshold.rule.",
+            cat,
+            found["review_rule"],
+            found["review_threshold"],
+            found["rule"],
+            found["image_threshold"],
+        )
     threshold_sanity(p, cat, res.scores, res.labels, found["image_threshold"])
     return {**found, "rule": f"{found['rule']}@{where}"}
 
