@@ -1,5 +1,5 @@
 """``inpformer`` command line: check | prepare | synthesize | train | evaluate | predict | export | app | sweep |
-noise | reproduce | pipeline | serve | serve-scoring.
+noise | reproduce | pipeline | serve | serve-scoring | thresholds | review | gate | retrain.
 
 Every command accepts ``--params PATH`` (default params.yaml) and repeated ``--set KEY=VALUE``;
 the params are validated before any work starts.
@@ -21,6 +21,7 @@ from components.errors import DownloadError, EncoderWeightsError, ExportParityEr
 from components.files import DiskFullError, LockedError, disk_full_message, is_disk_full
 from pipelines.config import ConfigError, Params, load_params
 from pipelines.errors import CommandFailed
+from pipelines.loop.commands import LOOP_COMMANDS, add_loop_parsers, dispatch_loop
 from pipelines.tracking.runs import hermetic_env
 
 __all__ = ["build_parser", "main"]
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--cron", default="0 2 * * *", help='cron schedule (default "0 2 * * *")')
     p.add_argument("--name", default="nightly", help="deployment name")
+    add_loop_parsers(sub, _common)
     return parser
 
 
@@ -223,6 +225,8 @@ def _torchrun(nproc: int, args: list[str]) -> int:
 def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
     from pipelines import stages  # torch and the stages: not needed for --help or a params error
 
+    if args.command in LOOP_COMMANDS:
+        return dispatch_loop(args, params)
     if args.command == "check":
         stages.check(params)
     elif args.command == "prepare":

@@ -63,7 +63,7 @@ def workspace_lock(root: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _dvc() -> str:
+def dvc_executable() -> str:
     local = Path(sys.executable).parent / "dvc"
     return str(local) if local.exists() else (shutil.which("dvc") or "dvc")
 
@@ -101,7 +101,7 @@ def _command(cmd: list[str], root: Path) -> str:
 def changed_stages(root: str) -> list[str]:
     """The stages of dvc.yaml that ``dvc status`` reports as changed, in pipeline order."""
     with workspace_lock(Path(root)):
-        status = json.loads(_command([_dvc(), "status", "--json"], Path(root)) or "{}")
+        status = json.loads(_command([dvc_executable(), "status", "--json"], Path(root)) or "{}")
     changed = {name.rsplit(":", 1)[-1] for name in status}
     # `check` reruns on any params.yaml edit (tracking.* too) but changes no output: not a change of its own
     return [stage for stage in STAGES if stage in changed and stage != CHECK_STAGE]
@@ -117,7 +117,7 @@ def stage_task(stage: str):
 
 @task
 def _run_stage(stage: str, root: str) -> str:
-    run_command([_dvc(), "repro", "--single-item", stage], Path(root))
+    run_command([dvc_executable(), "repro", "--single-item", stage], Path(root))
     return stage
 
 
@@ -125,10 +125,10 @@ def _run_stage(stage: str, root: str) -> str:
 def run_experiment(overrides: list[str], name: str, root: str) -> dict[str, Any]:
     """``dvc exp run --temp -n NAME -S ...``; return the experiment's metrics from ``dvc exp show``."""
     load_params(Path(root) / "params.yaml", overrides)  # reject bad overrides before DVC starts
-    cmd = [_dvc(), "exp", "run", "--temp", "-n", name] + [x for o in overrides for x in ("-S", o)]
+    cmd = [dvc_executable(), "exp", "run", "--temp", "-n", name] + [x for o in overrides for x in ("-S", o)]
     run_command(cmd, Path(root), {TRACKING_ROOT_ENV: root})  # MLflow runs of the temporary copy land here
     with workspace_lock(Path(root)):
-        show = json.loads(_command([_dvc(), "exp", "show", "--json"], Path(root)))
+        show = json.loads(_command([dvc_executable(), "exp", "show", "--json"], Path(root)))
     for entry in show:
         for exp in entry.get("experiments") or []:
             for rev in exp.get("revs") or []:

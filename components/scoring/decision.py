@@ -56,11 +56,17 @@ class CategoryThresholds:
     def from_dict(cls, data: dict[str, Any]) -> CategoryThresholds:
         """From a thresholds table entry; unknown keys are ignored (tables written before the rule)."""
         text = ("rule", "review_rule")
-        return cls(**{k: (v if k in text else float(v)) for k, v in data.items() if k in cls.__dataclass_fields__})
+        return cls(**{k: (v if k in text else _number(v)) for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN stays NaN)."""
         return asdict(self)
+
+
+def _number(value: Any) -> float:
+    """``float(value)``; NaN as the one ``math.nan`` object, so that equal tables compare equal."""
+    x = float(value)
+    return math.nan if math.isnan(x) else x
 
 
 def _midway(values: np.ndarray, threshold: float) -> float:

@@ -32,7 +32,7 @@ from components.scoring.tiling import resample, score_tiled
 if TYPE_CHECKING:
     from components.model import InpFormer
 
-__all__ = ["MAP_KINDS", "InferenceResult", "ScoringConfig", "predict", "score_batch"]
+__all__ = ["MAP_KINDS", "InferenceResult", "ScoringConfig", "pooled_features", "predict", "score_batch"]
 
 
 @dataclass(frozen=True)
@@ -186,3 +186,21 @@ def _predict_tiled(
         paths=[r.path for r in records],
         categories=[r.category for r in records],
     )
+
+
+def pooled_features(
+    model: InpFormer, dataset: Dataset, batch_size: int = 16, device: str = "cpu", limit: int | None = None
+) -> np.ndarray:
+    """The frozen encoder's output F_Q averaged over patch tokens, one C-vector per image: N×C
+    (the embedding drift is measured on, :mod:`components.scoring.drift`); at most ``limit``
+    images, spread evenly over the dataset."""
+    n = len(dataset)
+    picks = np.unique(np.linspace(0, n - 1, min(n, limit or n)).round().astype(int)) if n else np.zeros(0, int)
+    subset = torch.utils.data.Subset(dataset, picks.tolist())
+    out = []
+    model.to(device).eval()
+    with torch.no_grad():
+        for batch in DataLoader(subset, batch_size=batch_size, shuffle=False):
+            fused, _, _ = model.encode(batch[keys.IMAGE].to(device))
+            out.append(fused.mean(1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -29,6 +29,7 @@ from components.data.transforms import GEOMETRIES, ImageTransform
 from components.files import atomic_write_text
 from components.model.config import InpFormerConfig
 from components.scoring.decision import CategoryThresholds, DecisionRule
+from components.scoring.drift import DriftReference
 from components.scoring.inference import ScoringConfig
 from components.scoring.schema import DEFAULT_MAX_SIDE, PackageError, check_bounds, check_types
 
@@ -81,6 +82,7 @@ class ModelPackage:
         normalize: report normalised scores (0.5 = threshold).
         threshold_split: the split the thresholds were calibrated on.
         provenance: weights digest and what produced them.
+        drift: per category, the reference scoring runs are compared with (components/scoring/drift.py).
     """
 
     model: InpFormerConfig
@@ -99,6 +101,7 @@ class ModelPackage:
     geometry: str = "center_crop"
     tile: int = 0
     tile_overlap: float = 0.25
+    drift: dict[str, DriftReference] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "categories", tuple(str(c) for c in self.categories))
@@ -143,6 +146,9 @@ class ModelPackage:
         out["scoring"] = None if self.scoring is None else asdict(self.scoring)
         out["thresholds"] = {c: t.to_dict() for c, t in self.thresholds.items()}
         out["provenance"] = asdict(self.provenance)
+        out["drift"] = {c: r.to_dict() for c, r in self.drift.items()}
+        if not self.drift:  # packages without a reference keep their bytes
+            del out["drift"]
         return {"schema": SCHEMA, **out}
 
     def to_json(self) -> str:
@@ -178,9 +184,12 @@ class ModelPackage:
                 str(c): CategoryThresholds.from_dict(_typed(CategoryThresholds, t, where, f"thresholds.{c}"))
                 for c, t in thresholds.items()
             }
+            drift = _object(data.get("drift") or {}, where, "drift")
+            values["drift"] = {str(c): DriftReference.from_dict(r) for c, r in drift.items()}
             provenance = _typed(Provenance, data.get("provenance") or {}, where, "provenance")
             values["provenance"] = Provenance(**provenance)
-            top = {k: v for k, v in data.items() if k not in ("model", "scoring", "thresholds", "provenance")}
+            nested = ("model", "scoring", "thresholds", "provenance", "drift")
+            top = {k: v for k, v in data.items() if k not in nested}
             check_types(cls, top, where)  # the scalar fields, typed as the dataclass declares them
         except PackageError:
             raise

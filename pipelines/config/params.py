@@ -34,6 +34,7 @@ from components.constants import (
 )
 from pipelines.config.base import SETTING_KINDS, ConfigError, Device, Seed, Slug, StrictParams, check_slug
 from pipelines.config.deploy import ExportParams, ServeParams, ThresholdParams
+from pipelines.config.loop import DriftParams, ReviewParams
 from pipelines.config.overrides import OverrideError, apply_overrides, flatten, set_dotted
 
 __all__ = ["ConfigError", "Params", "apply_overrides", "check_slug", "flatten", "load_params", "set_dotted"]
@@ -269,12 +270,8 @@ class LimitsParams(StrictParams):
 
     lock_wait_s: float = Field(0.0, ge=0)  # a second writer of the workspace / an --out waits this long, then fails
     max_model_side: int = Field(2048, ge=14)  # model files may not ask for a larger input side (memory bound)
-    memory_fraction: float = Field(
-        0.9, gt=0, le=1
-    )  # refuse work whose estimated peak exceeds this share of free memory
-    allow_stale_thresholds: bool = (
-        False  # predict/app/scoring: warn (true) instead of refusing thresholds of other weights
-    )
+    memory_fraction: float = Field(0.9, gt=0, le=1)  # refuse work whose estimated peak exceeds this share
+    allow_stale_thresholds: bool = False  # predict/app/scoring: warn instead of refusing other weights' thresholds
 
 
 class Params(StrictParams):
@@ -294,6 +291,8 @@ class Params(StrictParams):
     export: ExportParams = Field(default_factory=ExportParams)
     serve: ServeParams = Field(default_factory=ServeParams)
     limits: LimitsParams = Field(default_factory=LimitsParams)
+    review: ReviewParams = Field(default_factory=ReviewParams)
+    drift: DriftParams = Field(default_factory=DriftParams)
 
 
 def _format_error(err: ValidationError, source: str) -> str:

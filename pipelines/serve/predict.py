@@ -37,10 +37,11 @@ from components.engine.checkpoint import DIGEST_FILE, WEIGHTS_FILE, load_model
 from components.files import disk_full_as_error, exclusive_lock, file_digest
 from components.scoring.decision import ANOMALOUS
 from components.scoring.export import FORMATS, load_exported
-from components.scoring.package import LEGACY_SCORING_FILE, PACKAGE_FILE, ModelPackage, read_package
+from components.scoring.package import PACKAGE_FILE, ModelPackage, read_package
 from components.scoring.scorer import LoadedModel, overlay_for, score_pil, torch_scorer
 from pipelines.builders import build_scoring, check_memory, resolve_device
 from pipelines.config import Params
+from pipelines.loop.thresholds import apply_versions
 from pipelines.paths import MODELS_DIR, calibrated_package_dir
 from pipelines.serve.outputs import (
     LOCK_FILE,
@@ -51,7 +52,7 @@ from pipelines.serve.outputs import (
     publish,
     save_map,
 )
-from pipelines.tracking.guard import tracking_uri
+from pipelines.serve.registered import download_registered
 
 logger = logging.getLogger(__name__)
 
@@ -120,25 +121,6 @@ def collect_images(
     return found[:limit] if limit else found
 
 
-def _from_registry(p: Params, uri: str, dst: Path) -> tuple[Path, str]:
-    """Download a registered model into ``dst``: (its model folder, its version)."""
-    import mlflow  # heavy: only for registry URIs
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
-
-    mlflow.set_tracking_uri(tracking_uri(p))  # the workspace's store, as every stage resolves it
-    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst)))
-    folders = [f.parent for f in local.rglob(PACKAGE_FILE)] or [f.parent for f in local.rglob(LEGACY_SCORING_FILE)]
-    if len(folders) != 1:
-        msg = f"{uri}: expected one model folder with {PACKAGE_FILE}, found {len(folders)}."
-        raise ValueError(msg)
-    version = uri.rsplit("/", 1)[-1]
-    if uri.startswith("models:/") and "@" in uri:
-        name, alias = uri[len("models:/") :].split("@", 1)
-        version = str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
-    return folders[0], f"v{version}" if version.isdigit() else version
-
-
 def _weights_id(folder: Path) -> str:
     """A short id of a model folder's weights (from its digest.json, else the file itself)."""
     digest = folder / DIGEST_FILE
@@ -177,8 +159,9 @@ def open_model(p: Params, ref: str | None, device: str) -> LoadedModel:
         package = ModelPackage.from_dict(meta["package"], f"{ref} (metadata 'package')", p.limits.max_model_side)
         return LoadedModel(scorer, package, ref, str(meta.get("version", "exported")))
     with tempfile.TemporaryDirectory(prefix="inpformer-model-") as tmp:
+        entries: list[dict[str, Any]] = []
         if ref.startswith(REGISTRY_SCHEMES):
-            folder, version = _from_registry(p, ref, Path(tmp))
+            folder, version, entries = download_registered(p, ref, Path(tmp))
         else:
             folder, version = Path(ref), ""
             if not folder.is_dir():
@@ -190,6 +173,7 @@ def open_model(p: Params, ref: str | None, device: str) -> LoadedModel:
         weights = file_digest(folder / WEIGHTS_FILE)  # the bytes loaded, whatever the package claims
     if not package.calibrated:
         package = _calibrated(p, package, model.seg_head is not None, weights)
+    package = apply_versions(package, entries)  # the latest approved threshold versions (inpformer thresholds)
     return LoadedModel(torch_scorer(model, package.scoring, device), package, ref, version, model)
 
 

@@ -39,6 +39,8 @@ from components.scoring.scorer import LoadedModel, encode_map_png, score_pil, to
 
 __all__ = ["InpFormerPyfunc", "decode_rows", "model_signature"]
 
+OVERRIDE_ACTIONS = {"anomalous": "reject", "normal": "pass", "unknown": "unknown"}  # a threshold override: no band
+
 PREDICT_BATCH = 16  # images per forward pass inside predict()
 UINT8_MAX = 255
 MAP_CHOICES = ("none", "png")
@@ -178,7 +180,7 @@ class InpFormerPyfunc(mlflow.pyfunc.PythonModel):
                     "threshold": thr,
                     "decision": decision,
                     "is_anomalous": decision == ANOMALOUS,
-                    "action": res["action"] if threshold is None else ("reject" if decision == ANOMALOUS else "pass"),
+                    "action": res["action"] if threshold is None else OVERRIDE_ACTIONS[decision],
                 }
                 if maps == "png":
                     shown, _ = self.package.rule.pixel(category, res["map"])

@@ -10,7 +10,12 @@ runs and schedule are in the Prefect UI); ``--once`` runs it once now. Each run:
    is not scored again and a new champion scores everything once more;
 4. appends the new rows to ``predictions.csv`` / ``.jsonl``, writes their overlays, and publishes a
    table artifact (key ``inpformer-flagged``) of the images decided anomalous, with links to
-   their overlays.
+   their overlays;
+5. queues the ``reject`` / ``review`` images for an operator (:mod:`pipelines.loop.review`);
+6. writes ``drift.json`` (``drift.enabled``; :mod:`pipelines.loop.monitor`), logs it as an MLflow
+   monitoring run and publishes it (artifact key ``inpformer-drift``);
+7. starts ``inpformer retrain`` as a subflow when the run drifts (``drift.retrain``) or
+   ``review.retrain_after`` verdicts came in since the last retrain.
 
 Predictions are written before the ledger: a crash in between scores those images again rather
 than losing them. A file that cannot be read (still being copied, corrupt) is reported and tried
@@ -33,12 +38,15 @@ from components.files import atomic_write_text, file_digest
 from components.scoring.decision import ANOMALOUS
 from pipelines.builders import resolve_device
 from pipelines.config import load_params
+from pipelines.loop.monitor import log_monitoring, run_drift
+from pipelines.loop.review import due_for_retrain, queue_rows
 from pipelines.serve.predict import collect_images, open_model, score_images
 
 __all__ = ["LEDGER_FILE", "run_once", "scoring_flow", "serve_scoring"]
 
 LEDGER_FILE = "scored.jsonl"
 FLAGGED_KEY = "inpformer-flagged"
+DRIFT_KEY = "inpformer-drift"
 
 
 def _ledger(out: Path) -> set[tuple[str, str]]:
@@ -76,7 +84,7 @@ def scoring_flow(
         new = [(img, src) for img, src in images if (digests[img], package.version) not in done]
         logger.info("%d image(s) in %s, %d new for %s %s", len(images), watch, len(new), ref, package.version)
         if not new:
-            return {"scored": 0, "flagged": 0, "version": package.version}
+            return {"scored": 0, "flagged": 0, "queued": 0, "version": package.version}
         summary = score_images(p, package, new, target, {"append": True})
         ledger = target / LEDGER_FILE
         old = ledger.read_text() if ledger.is_file() else ""
@@ -103,9 +111,47 @@ def scoring_flow(
             key=FLAGGED_KEY,
             description=f"{len(flagged)} of {summary.scored} new image(s) flagged by {ref} ({package.version})",
         )
-        return {"scored": summary.scored, "flagged": len(flagged), "version": package.version}
+        queued = queue_rows(p, summary.rows, target)
+        result = {"scored": summary.scored, "flagged": len(flagged), "queued": queued, "version": package.version}
+        if p.drift.enabled:
+            report = run_drift(p, package, summary.rows, target)
+            log_monitoring(p, report, target)
+            _publish_drift(report)
+            result["drift"] = report["drift"]
+        trigger = _retrain_reason(p, result)
+        if trigger:
+            from pipelines.loop.retrain import retrain_flow  # a subflow: the in-flow trigger
+
+            result["retrain"] = retrain_flow(root=str(Path.cwd()), reason=trigger, params_path=params_path)
+        return result
     finally:
         os.chdir(cwd)
+
+
+def _publish_drift(report: dict[str, Any]) -> None:
+    """The drift report as the Prefect table artifact ``inpformer-drift``."""
+    table = [
+        {
+            "category": c,
+            "images": e["images"],
+            "drift": e["drift"],
+            "psi": e.get("psi"),
+            "ks_p": e.get("ks_p"),
+            "embedding_z": e.get("embedding_z"),
+            "flagged_rate": e.get("flagged_rate"),
+            "expected_rate": e.get("expected_rate"),
+            "reasons": "; ".join(e["reasons"]),
+        }
+        for c, e in report["categories"].items()
+    ]
+    create_table_artifact(table=table, key=DRIFT_KEY, description=f"drift: {report['drift']} ({report['version']})")
+
+
+def _retrain_reason(p: Any, result: dict[str, Any]) -> str:
+    """Why this scoring run starts a retrain ('' : it does not)."""
+    if result.get("drift") and p.drift.retrain:
+        return "drift"
+    return "review.retrain_after verdicts" if due_for_retrain(p) else ""
 
 
 def _parameters(

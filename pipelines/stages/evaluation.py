@@ -20,6 +20,7 @@ from components.evaluation.plots import curve_tables, plot_curves, plot_examples
 from components.files import atomic_write_text, disk_full_as_error, exclusive_lock
 from components.model import InpFormer
 from components.scoring.decision import CategoryThresholds, calibrate
+from components.scoring.drift import DriftReference
 from components.scoring.inference import InferenceResult, ScoringConfig, predict
 from components.scoring.package import ModelPackage, write_package
 from pipelines.builders import (
@@ -42,6 +43,7 @@ from pipelines.paths import (
     calibrated_package_dir,
     remove_tree,
 )
+from pipelines.stages.drift_reference import drift_reference
 from pipelines.stages.eval_checks import json_safe, pixel_known, pixel_truth, threshold_sanity
 from pipelines.stages.records import data_hash, evaluation_records, load_records, manifest_hash, training_groups
 from pipelines.stages.reporting import markdown_table
@@ -72,6 +74,7 @@ class Evaluation:
     untested: list[str] = field(default_factory=list)  # categories without test images (eval.allow_untested)
     pixel_known: set[str] = field(default_factory=set)  # test images with a pixel ground truth
     f1: dict[str, tuple[float, float]] = field(default_factory=dict)  # category → F1 (image, pixel) thresholds
+    drift: dict[str, DriftReference] = field(default_factory=dict)  # category → the scoring runs' reference
 
     def weights(self, group: str) -> str:
         """The SHA-256 of the weights scored for ``group`` (its snapshot's file)."""
@@ -146,6 +149,8 @@ def _evaluate(p: Params, progress: bool) -> dict[str, Any]:
             ev.per_category[cat].update(mask_coverage=share, masks_outside=float(coverage.outside))
             found = _thresholds(p, model, ev.scoring[group], calib, res, device, progress, ev)
             ev.thresholds[cat] = {**found, "weights_sha256": ev.weights(group)}
+            train = [r for r in records if r.category == cat and r.split == "train" and r.label == 0]
+            ev.drift[cat] = drift_reference(p, model, train, res, tf, device)
     metrics: dict[str, Any] = {"mean": ev.mean(), "categories": ev.per_category}
     metrics["metric_set"] = {g: ev.metric_set(g) for g in ev.groups}  # what each group's mAD averages
     metrics["weights"] = {g: ev.weights(g) for g in ev.groups}  # the SHA-256 of the weights scored, per group
@@ -210,7 +215,7 @@ def _thresholds(
     if found["review_threshold"] >= found["image_threshold"]:
         logger.warning(
             "%s: the review threshold (%s, %.6g) is not below the reject threshold (%s, %.6g): no image will be "
-            "sent to review. Loosen eval.threshold.review_* or tighten eval.threshold.rule.",
+            "sent to review. Loosen eval.threshold.review_max_fpr / review_min_recall or change eval.threshold.rule.",
             cat,
             found["review_rule"],
             found["review_threshold"],
@@ -288,7 +293,11 @@ def model_package(p: Params, ev: Evaluation, group: str) -> ModelPackage:
     """The package of the scored weights, calibrated: scoring and the group's thresholds."""
     thresholds = {c: CategoryThresholds.from_dict(ev.thresholds[c]) for c in ev.groups[group]}
     return ev.packages[group].calibrate(
-        ev.scoring[group], thresholds, normalize=p.eval.threshold.normalize, threshold_split=p.eval.threshold.split
+        ev.scoring[group],
+        thresholds,
+        normalize=p.eval.threshold.normalize,
+        threshold_split=p.eval.threshold.split,
+        drift={c: ev.drift[c] for c in ev.groups[group] if c in ev.drift},
     )
 
 

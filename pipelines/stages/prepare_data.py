@@ -43,7 +43,7 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
     source = source if source is not None else p.data.source
     if kind == "dtd":  # the texture source of the pseudo anomalies, not a dataset to index
         return prepare_textures(source, extract_limits(p))
-    _unread_sources(kind, source, p.synthesis.texture_dir)
+    _unread_sources(kind, source, p.synthesis.texture_dir, p.review.dir)
     if source and not Path(source).resolve().is_relative_to(SOURCES_DIR.resolve()):
         logger.warning(
             "data.source %s is outside %s/: DVC cannot see new or changed images there, so `dvc repro` and "
@@ -54,6 +54,7 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
         )
     report = ScanReport()
     records = _masks_as_configured(p, kind, _scan(p, kind, name, source, report))
+    records += _reviewed(p, records)
     _check_category_names(records)
     records = validate_records(records, report, skip_bad=p.data.skip_bad, progress=False)
     report.raise_if_problems(SKIP_BAD_ADVICE)
@@ -68,12 +69,12 @@ def prepare(p: Params, source: str | None = None, dataset: str | None = None, na
     return manifest_path(name)
 
 
-def _unread_sources(kind: str, source: str, textures: str) -> None:
+def _unread_sources(kind: str, source: str, textures: str, reviewed: str) -> None:
     """Warn when sources/ holds images this prepare does not read (a rerun triggered by them changes
     nothing); the pseudo-anomaly textures (``synthesis.texture_dir``) are read elsewhere."""
     if not SOURCES_DIR.is_dir():
         return
-    used = [Path(d).resolve() for d in (source, textures) if d]
+    used = [Path(d).resolve() for d in (source, textures, reviewed) if d]
     images = [
         f for f in SOURCES_DIR.rglob("*") if is_image_file(f) and not any(f.resolve().is_relative_to(u) for u in used)
     ]
@@ -128,6 +129,26 @@ def _scan(p: Params, kind: str, name: str, source: str, report: ScanReport) -> l
     order = MVTEC_CATEGORIES if kind == "mvtec" else DATASET_SOURCES.get(kind, {}).get("order", ())
     strict = p.data.masks == "required" or kind not in LOCAL_KINDS  # benchmark datasets ship every mask
     return mvtec_records(root, p.data.categories or None, order=order, require_masks=strict, report=report)
+
+
+def _reviewed(p: Params, records: list[Record]) -> list[Record]:
+    """The images operators gave a verdict (``review.dir``, MVTec layout: pipelines/loop/review.py)
+    in the dataset's categories, without masks (image-level labels)."""
+    root = Path(p.review.dir)
+    if not root.is_dir() or not any(d.is_dir() for d in root.iterdir()):
+        return []
+    found = mvtec_records(root, require_masks=False, report=ScanReport())  # no train/good there is fine
+    cats = {r.category for r in records}
+    other = sorted({r.category for r in found} - cats)
+    if other:
+        logger.warning(
+            "%s/ holds reviewed images of categories %s that %s does not have: not used.", root, other, p.data.name
+        )
+    kept = [r for r in found if r.category in cats]
+    if kept:
+        tests = sum(r.split == "test" for r in kept)
+        print(f"{len(kept)} reviewed image(s) from {root}/ added ({tests} test, {len(kept) - tests} train)")
+    return kept
 
 
 def _masks_as_configured(p: Params, kind: str, records: list[Record]) -> list[Record]:

@@ -21,6 +21,7 @@ mlflow is imported inside the functions (heavy; tracking may be off).
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHAMPION",
     "MODEL_REQUIREMENTS",
+    "PROMOTION_ENV",
     "champion_alias",
     "library_versions",
     "log_and_register_model",
@@ -57,6 +59,7 @@ MODEL_REQUIREMENTS = ("torch", "timm", "safetensors", "numpy", "pillow", "pyyaml
 PYFUNC_CODE = Path(__file__).parents[1] / "serve" / "pyfunc_model.py"  # models from code: no pickle
 CODE_PACKAGES = ("components", "pipelines")
 EXAMPLE_SIDE = 32  # pixels of the input example's image
+PROMOTION_ENV = "INPFORMER_PROMOTION"  # "gate": evaluate registers a candidate only (set by inpformer retrain)
 ALIAS_UNSAFE = re.compile(r"[^\w-]")  # MLflow aliases allow letters, digits, '_' and '-'
 
 
@@ -218,7 +221,11 @@ def log_and_register_model(
     scoped = champion_alias(scope)
     previous = _tags_by_alias(client, name, scoped)
     gain, source = min_gain(p)
-    promoted, reason = promotion(previous, scope, mad, gain) if promote else (False, "promotion is off")
+    if os.environ.get(PROMOTION_ENV) == "gate":  # inpformer retrain: the promotion gate decides
+        promote = False
+    promoted, reason = (
+        promotion(previous, scope, mad, gain) if promote else (False, "promotion is off (or left to the gate)")
+    )
     print(f"registry: version {new} {'promoted to' if promoted else 'not promoted to'} {scoped}: {reason} ({source})")
     if promoted:
         client.set_registered_model_alias(name, scoped, new)
