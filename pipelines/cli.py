@@ -187,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `inpformer review list | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
     except OSError as err:
         if not is_disk_full(err):
             raise

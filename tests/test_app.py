@@ -85,3 +85,40 @@ def test_inspector_in_headless_chromium(served_app, app_workspace) -> None:
         expect(page.locator("#status")).to_contain_text("not a readable image", timeout=60_000)
         page.screenshot(path=str(app_workspace / "inspector.png"))
         browser.close()
+
+
+def test_review_tab_marks_two_images_in_headless_chromium(served_app, app_workspace) -> None:
+    """Two flagged uploads join the queue; n and d in the Review tab write the ledger and sources/."""
+    import json
+
+    from playwright.sync_api import expect, sync_playwright
+
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(app_workspace / "second.png")
+    reviewed = app_workspace / "sources" / "reviewed"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=_chromium(), headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.goto(served_app)
+        expect(page.locator("#status")).to_have_text("ready", timeout=60_000)
+        page.select_option("#category", "a")  # threshold -1e9: every upload is a reject
+        page.set_input_files("#files", [str(app_workspace / "part.png"), str(app_workspace / "second.png")])
+        expect(page.locator(".card")).to_have_count(2, timeout=60_000)
+        page.click("#tab-review")
+        expect(page.locator("#review-list li")).to_have_count(2, timeout=30_000)
+        expect(page.locator("#review-info")).to_contain_text("part.png")
+        assert page.locator("#review-overlay").evaluate("img => img.complete && img.naturalWidth") == 90
+        page.keyboard.press("n")
+        expect(page.locator("#review-list li")).to_have_count(1, timeout=30_000)
+        page.fill("#defect-type", "scratch")
+        page.locator("#review-info").click()  # leave the input: keys are shortcuts again
+        expect(page.locator("#review-info")).to_contain_text("second.png")
+        page.screenshot(path=str(app_workspace / "review.png"))
+        page.keyboard.press("d")
+        expect(page.locator("#review-empty")).to_be_visible(timeout=30_000)
+        expect(page.locator("#review-count")).to_have_text("0")
+        browser.close()
+    ledger = [json.loads(x) for x in (reviewed / "verdicts.jsonl").read_text().splitlines()]
+    assert [(e["verdict"], e["defect"]) for e in ledger] == [("normal", ""), ("defect", "scratch")]
+    assert len(list((reviewed / "a" / "test" / "good").iterdir())) == 1
+    assert len(list((reviewed / "a" / "test" / "scratch").iterdir())) == 1

@@ -86,7 +86,9 @@ def test_review_queue_verdicts_become_prepared_data(tmp_path, monkeypatch) -> No
     assert (root / normal["file"]).parent == root / "a" / "test" / "good"
     assert (root / defect["file"]).parent == root / "a" / "test" / "scratch" and again["file"] == defect["file"]
     assert len(list(root.rglob("*.png"))) == 2
-    assert [json.loads(x)["verdict"] for x in (root / LEDGER_FILE).read_text().splitlines()] == ["normal"] + ["defect"] * 2
+    assert [json.loads(x)["verdict"] for x in (root / LEDGER_FILE).read_text().splitlines()] == ["normal"] + [
+        "defect"
+    ] * 2
     assert [i["id"] for i in pending(p)] == [items[2]["id"]]
     mark(p, items[2]["id"], "defect")
     moved = mark(p, items[2]["id"], "normal")  # a changed verdict moves the image
@@ -125,7 +127,9 @@ def test_drift_flags_a_shifted_batch_and_not_held_out_normals(tmp_path, monkeypa
     features = pooled_features(package.model, ImageDataset(train, package.transform), 8)
     reference = DriftReference.of(np.array([r["raw_score"] for r in reference_normals]), features)
     package.package = replace(package.package, drift={"a": reference})
-    good = run_drift(p, package, _scored(p, package, _parts(tmp_path / "good" / "a", 20, seed=12), Path("g")), Path("g"))
+    good = run_drift(
+        p, package, _scored(p, package, _parts(tmp_path / "good" / "a", 20, seed=12), Path("g")), Path("g")
+    )
     entry = good["categories"]["a"]
     assert good["drift"] is False and entry["embedding_z"] < p.drift.embedding_max, entry
     shifted = _parts(tmp_path / "inv" / "a", 20, seed=12, invert=True)
@@ -162,7 +166,9 @@ def test_gate_keeps_the_champion_unless_every_check_passes(tmp_path, monkeypatch
     def register(root: Path, mad: float) -> str:
         package = read_package(root / "artifacts" / "eval" / "packages" / "all")
         with tracked_run(p, "evaluate", "evaluate") as mlflow:
-            return str(log_and_register_model(mlflow, p, root / "artifacts" / "models" / "all", package, mad, "all")["version"])
+            return str(
+                log_and_register_model(mlflow, p, root / "artifacts" / "models" / "all", package, mad, "all")["version"]
+            )
 
     assert register(champ, 0.5) == "1"  # the first version is the champion
     monkeypatch.setenv(PROMOTION_ENV, "gate")

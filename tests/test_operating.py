@@ -74,7 +74,13 @@ def test_calibrate_records_rule_and_review_band_and_decides_three_ways() -> None
     assert (t.rule, t.review_rule) == ("max_fpr=0", "min_recall=1")
     assert (t.image_threshold, t.review_threshold) == pytest.approx((1.1, 0.525))
     rule = DecisionRule({"c": t})
-    assert [rule.action("c", s) for s in (1.5, 1.1, 0.8, 0.525, 0.5)] == ["reject", "reject", "review", "review", "pass"]
+    assert [rule.action("c", s) for s in (1.5, 1.1, 0.8, 0.525, 0.5)] == [
+        "reject",
+        "reject",
+        "review",
+        "review",
+        "pass",
+    ]
     assert rule.image("c", 0.8)[2] == "normal"  # the binary decision is at the reject threshold
     assert DecisionRule({}).action("c", 1.0) == "unknown"
 

@@ -142,7 +142,7 @@ def drift_report(
     scores = np.asarray(scores, np.float64)
     out: dict[str, Any] = {"images": int(scores.size), "drift": None, "reasons": []}
     if reference is None or len(reference.normal_scores) < 2:
-        out["reasons"] = ["no reference (evaluate the model again to record one)"]
+        out["reasons"] = ["no drift reference in the model package (evaluated before references were recorded)"]
         return out
     ref = np.asarray(reference.normal_scores)
     if scores.size < settings.min_images:

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import os
 import shutil
@@ -25,11 +26,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from components.files import atomic_write_text, exclusive_lock, file_digest
+from components.files import atomic_write_bytes, atomic_write_text, exclusive_lock, file_digest
 from pipelines.config import Params, check_slug
 from pipelines.paths import confined
 
-__all__ = ["LEDGER_FILE", "QUEUE_FILE", "RETRAIN_MARK", "due_for_retrain", "mark", "pending", "queue_rows", "verdicts"]
+__all__ = [
+    "LEDGER_FILE",
+    "QUEUE_FILE",
+    "RETRAIN_MARK",
+    "due_for_retrain",
+    "mark",
+    "pending",
+    "queue_rows",
+    "queue_upload",
+    "verdicts",
+]
 
 QUEUE_FILE, LEDGER_FILE = "queue.jsonl", "verdicts.jsonl"
 RETRAIN_MARK = "retrain.json"  # in review.queue_dir: how many verdicts the last retrain saw
@@ -86,6 +97,7 @@ def queue_rows(p: Params, rows: list[dict[str, Any]], out: Path) -> int:
                     "id": item,
                     "sha256": sha,
                     "path": str(image.resolve()),
+                    "name": r.get("name") or f"{image.parent.name}/{image.name}",
                     "image": f"images/{item}{image.suffix.lower()}",
                     "overlay": f"overlays/{item}.png" if overlay.is_file() else "",
                     "category": r["category"],
@@ -99,6 +111,19 @@ def queue_rows(p: Params, rows: list[dict[str, Any]], out: Path) -> int:
             )
         _append(root / QUEUE_FILE, new)
     return len(new)
+
+
+def queue_upload(p: Params, data: bytes, name: str, row: dict[str, Any], overlay_png: bytes) -> int:
+    """Queue an image scored from memory (the app): its bytes and overlay are saved first."""
+    root = confined(p.review.queue_dir)
+    uploads = root / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True)
+    suffix = Path(name).suffix.lower() or ".png"
+    stem = hashlib.sha256(data).hexdigest()[:ID_LENGTH]
+    image, overlay = uploads / f"{stem}{suffix}", uploads / f"{stem}.overlay.png"
+    atomic_write_bytes(image, data)
+    atomic_write_bytes(overlay, overlay_png)
+    return queue_rows(p, [{**row, "path": str(image), "overlay": str(overlay)}], root)
 
 
 def verdicts(p: Params) -> list[dict[str, Any]]:

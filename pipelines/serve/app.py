@@ -18,7 +18,8 @@ Guards (the page is for this machine's browser; a hostile page open in that brow
 API: ``GET /api/models`` → the offered refs; ``GET /api/model?ref=…`` → its categories and version
 (loads it); ``POST /api/score`` with
 ``{"model", "category", "image": base64 file}`` → score, threshold, decision, the category's score
-range, and the overlay as a base64 PNG.
+range, and the overlay as a base64 PNG; a ``reject`` or ``review`` upload joins the review queue.
+The Review tab's routes: :mod:`pipelines.serve.review_api`.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ from components.data.io import ImageReadError, decode_rgb
 from components.scoring.package import PACKAGE_FILE
 from pipelines.builders import resolve_device
 from pipelines.config import Params
+from pipelines.loop.review import QUEUED_ACTIONS, queue_upload
 from pipelines.paths import MODELS_DIR
 from pipelines.serve.predict import LoadedModel, open_model, overlay_for, score_pil
+from pipelines.serve.review_api import add_review_routes
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class ScoreRequest(BaseModel):
     model: str
     category: str = ""
     image: str  # base64 of the file
+    name: str = ""  # the file's name (shown in the review queue)
 
 
 def offered_models(p: Params, given: list[str]) -> list[str]:
@@ -240,6 +244,11 @@ def create_app(p: Params, models: list[str], host: str | None = None) -> FastAPI
         overlay = overlay_for(pkg, image, category, res["map"], p.serve.heat_scale)
         buffer = io.BytesIO()
         overlay.save(buffer, format="PNG")
+        if res["action"] in QUEUED_ACTIONS:  # flagged uploads wait in the review queue (the Review tab)
+            row = {"category": category, "score": res["score"], "threshold": res["threshold"], "action": res["action"]}
+            row |= {"model": pkg.label, "version": pkg.version, "name": Path(request.name).name}
+            raw = base64.b64decode(request.image.split(",", 1)[-1])
+            queue_upload(p, raw, request.name or "upload.png", row, buffer.getvalue())
         t = pkg.rule.of(category)
         low, high = (0.0, 1.0) if pkg.rule.normalized else (t.image_min, t.image_max)
         return {
@@ -254,6 +263,7 @@ def create_app(p: Params, models: list[str], host: str | None = None) -> FastAPI
             "overlay": base64.b64encode(buffer.getvalue()).decode("ascii"),
         }
 
+    add_review_routes(app, p)
     return app
 
 
