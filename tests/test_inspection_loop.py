@@ -181,7 +181,7 @@ def test_gate_keeps_the_champion_unless_every_check_passes(tmp_path, monkeypatch
     assert open_model(p, champion, "cpu").version == "v1"
     strict = gate(load_params("params.yaml", [*sets, "export.map_rtol=1e-300", "export.score_rtol=1e-300"]))
     assert [c["check"] for c in strict["checks"] if not c["passed"]] == ["parity"]
-    assert open_model(p, champion, "cpu").version == "v1"
+    assert open_model(p, champion, "cpu").version == "v1"  # each failing check alone keeps the champion
     passed = gate(p)
     assert passed["passed"] and passed["promoted"] and open_model(p, champion, "cpu").version == "v2"
     # an audited threshold change travels with the version and is what predict decides with
@@ -196,3 +196,26 @@ def test_gate_keeps_the_champion_unless_every_check_passes(tmp_path, monkeypatch
         set_threshold(p, champion, "a", 0.3, None, "")
     with pytest.raises(ValueError, match="below"):
         set_threshold(p, champion, "a", 0.3, 0.5, "x")
+
+
+def test_retrain_triggers(tmp_path, monkeypatch) -> None:
+    """A scoring run starts a retrain on drift only with drift.retrain, and after review.retrain_after verdicts."""
+    from pipelines.config import load_params
+    from pipelines.loop.review import LEDGER_FILE, RETRAIN_MARK, due_for_retrain
+    from pipelines.serve.scoring import retrain_reason
+
+    monkeypatch.chdir(tmp_path)
+    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["review.retrain_after=2"])
+    assert retrain_reason(p, {"drift": True}) == ""  # drift.retrain: false by default
+    q = load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["drift.retrain=true"])
+    assert retrain_reason(q, {"drift": True}) == "drift" and retrain_reason(q, {"drift": False}) == ""
+    ledger = Path(p.review.dir) / LEDGER_FILE
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text(json.dumps({"id": "a"}) + "\n")
+    assert not due_for_retrain(p)
+    ledger.write_text(ledger.read_text() + json.dumps({"id": "b"}) + "\n")
+    assert due_for_retrain(p) and retrain_reason(p, {"drift": False}) == "review.retrain_after verdicts"
+    mark = Path(p.review.queue_dir) / RETRAIN_MARK
+    mark.parent.mkdir(parents=True)
+    mark.write_text(json.dumps({"verdicts": 2}))  # the last retrain saw both
+    assert not due_for_retrain(p)

@@ -291,3 +291,63 @@ def test_moved_workspace_is_up_to_date(dvc_project, tmp_path_factory) -> None:
     assert "up to date" in status.lower(), status
     again = _run([str(BIN / "dvc"), "repro"], moved, env).stdout
     assert not _stage_runs(again), again
+
+
+def _inverted(src: Path, dst: Path) -> None:
+    from PIL import Image, ImageOps
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        ImageOps.invert(Image.open(f).convert("RGB")).save(dst / f.name)
+
+
+def test_inspection_loop_journey(dvc_project, tmp_path_factory) -> None:
+    """Issue 22's journey, as commands: score a line's folder, review, retrain on the verdicts, drift.
+
+    Last in the module: it changes the shared project (verdicts in sources/, a retrain experiment)."""
+    from components.data.synthetic import generate_synthetic
+
+    proj, env, _ = dvc_project
+    inbox = proj / "line" / "brick"
+    shutil.copytree(proj / "data" / "raw" / "synthetic" / "brick" / "test", inbox)
+    scored = _cli(["serve-scoring", "--once", "--watch", "line"], proj, env).stdout
+    assert "flagged" in scored, scored
+    queue = json.loads(_cli(["review", "list", "--json"], proj, env).stdout)
+    assert len(queue) >= 2 and {i["action"] for i in queue} <= {"reject", "review"}, queue
+    first, second = queue[0], queue[1]
+    _cli(["review", "mark", first["id"], "--verdict", "normal"], proj, env)
+    _cli(["review", "mark", second["path"], "--verdict", "defect", "--defect", "chip"], proj, env)
+    _cli(["review", "mark", second["id"], "--verdict", "defect", "--defect", "chip"], proj, env)  # twice: no copy
+    assert len(json.loads(_cli(["review", "list", "--json"], proj, env).stdout)) == len(queue) - 2
+    reviewed = proj / "sources" / "reviewed" / "brick"
+    assert len(list(reviewed.rglob("*.png"))) == 2
+    status = _run([str(BIN / "dvc"), "status"], proj, env).stdout
+    assert "prepare:" in status and "sources" in status, status  # DVC sees the verdicts
+    counts = {c["category"]: c for c in json.loads((proj / "data/prepared/synthetic/counts.json").read_text())}
+    retrain = _cli(["retrain", "--reason", "verdicts"], proj, env, check=False)
+    # the verdicts went to test/ (review.normals_to): the same training images give the same weights, so
+    # the candidate cannot beat the champion on the updated test split and the gate keeps it (exit 3)
+    assert retrain.returncode == 3 and "kept the champion" in retrain.stdout, retrain.stdout + retrain.stderr
+    assert "metric" in retrain.stdout and "parity" in retrain.stdout and "latency" in retrain.stdout
+    manifest = (proj / "data" / "prepared" / "synthetic" / "manifest.csv").read_text()
+    assert Path(first["image"]).name in manifest and Path(second["image"]).name in manifest
+    after = {c["category"]: c for c in json.loads((proj / "data/prepared/synthetic/counts.json").read_text())}
+    assert after["brick"]["test_good"] == counts["brick"]["test_good"] + 1
+    assert after["brick"]["test_anomalous"] == counts["brick"]["test_anomalous"] + 1
+    package = json.loads((proj / "artifacts" / "eval" / "packages" / "all" / "package.json").read_text())
+    assert len(package["drift"]["brick"]["normal_scores"]) == after["brick"]["test_good"]  # scored by evaluate
+    exps = _run([str(BIN / "dvc"), "exp", "list", "--name-only"], proj, env).stdout
+    assert "retrain-" in exps, exps
+    # drift: held-out normals (more images of the training stream) pass, their inverted copies drift
+    fresh = generate_synthetic(tmp_path_factory.mktemp("heldout"), 0, 64, 14, 0, 0, ["brick"])
+    held = proj / "heldout" / "brick"
+    held.mkdir(parents=True)
+    for f in sorted((fresh / "brick" / "train" / "good").iterdir())[8:]:  # the first 8 are the training images
+        shutil.copy(f, held / f.name)
+    _cli(["serve-scoring", "--once", "--watch", "heldout", "--out", "artifacts/scoring-held"], proj, env)
+    report = json.loads((proj / "artifacts" / "scoring-held" / "drift.json").read_text())
+    assert report["categories"]["brick"]["drift"] is False, report
+    _inverted(held, proj / "inverted" / "brick")
+    _cli(["serve-scoring", "--once", "--watch", "inverted", "--out", "artifacts/scoring-inv"], proj, env)
+    report = json.loads((proj / "artifacts" / "scoring-inv" / "drift.json").read_text())
+    assert report["categories"]["brick"]["drift"] is True, report

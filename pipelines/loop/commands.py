@@ -7,6 +7,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params
@@ -48,6 +49,9 @@ def add_loop_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]
     p = sub.add_parser("retrain", help="Prefect flow: rerun the pipeline as a DVC experiment, then the gate")
     common(p)
     p.add_argument("--reason", default="manual")
+    p.add_argument("--serve", action="store_true", help="serve the flow as a deployment (run it from the Prefect UI)")
+    p.add_argument("--cron", help='--serve: also on this schedule, e.g. "0 3 * * 0"')
+    p.add_argument("--name", default="retrain", help="--serve: deployment name")
 
 
 def _print(rows: list[dict[str, Any]], as_json: bool, columns: tuple[str, ...]) -> None:
@@ -113,6 +117,10 @@ def dispatch_loop(args: argparse.Namespace, p: Params) -> int:
     else:
         from pipelines.loop.retrain import retrain_flow  # prefect: only here
 
+        if args.serve:
+            parameters = {"root": os.getcwd(), "reason": "deployment", "params_path": str(Path(args.params).resolve())}
+            retrain_flow.serve(name=args.name, cron=args.cron, parameters=parameters, limit=1)
+            return 0
         result = retrain_flow(root=os.getcwd(), reason=args.reason, params_path=args.params)
         return 0 if result["passed"] else 3
     return 0

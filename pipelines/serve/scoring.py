@@ -42,7 +42,7 @@ from pipelines.loop.monitor import log_monitoring, run_drift
 from pipelines.loop.review import due_for_retrain, queue_rows
 from pipelines.serve.predict import collect_images, open_model, score_images
 
-__all__ = ["LEDGER_FILE", "run_once", "scoring_flow", "serve_scoring"]
+__all__ = ["LEDGER_FILE", "retrain_reason", "run_once", "scoring_flow", "serve_scoring"]
 
 LEDGER_FILE = "scored.jsonl"
 FLAGGED_KEY = "inpformer-flagged"
@@ -118,7 +118,7 @@ def scoring_flow(
             log_monitoring(p, report, target)
             _publish_drift(report)
             result["drift"] = report["drift"]
-        trigger = _retrain_reason(p, result)
+        trigger = retrain_reason(p, result)
         if trigger:
             from pipelines.loop.retrain import retrain_flow  # a subflow: the in-flow trigger
 
@@ -147,7 +147,7 @@ def _publish_drift(report: dict[str, Any]) -> None:
     create_table_artifact(table=table, key=DRIFT_KEY, description=f"drift: {report['drift']} ({report['version']})")
 
 
-def _retrain_reason(p: Any, result: dict[str, Any]) -> str:
+def retrain_reason(p: Any, result: dict[str, Any]) -> str:
     """Why this scoring run starts a retrain ('' : it does not)."""
     if result.get("drift") and p.drift.retrain:
         return "drift"
