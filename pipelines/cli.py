@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the model as ONNX or TorchScript, parity-checked against PyTorch")
     _common(p)
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--format", choices=("onnx", "torchscript"), help="default: export.format")
+    p.add_argument("--format", choices=("onnx", "torchscript", "openvino"), help="default: export.format")
+    p.add_argument("--int8", action="store_true", help="openvino: NNCF INT8, gated on decisions (export.int8_*)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: export.opset)")
     p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=None, help="dynamic batch axis")
     p.add_argument("--out", help="target file (default: export.out_dir/model.onnx|.pt)")
@@ -267,7 +268,7 @@ def _dispatch(args: argparse.Namespace, params: Params, progress: bool) -> int:
 
         sets = {"format": args.format, "opset": args.opset, "dynamic_batch": args.dynamic_batch}
         params.export = params.export.model_copy(update={k: v for k, v in sets.items() if v is not None})
-        export(params, args.model, args.out, progress)
+        export(params, args.model, args.out, progress, int8=args.int8)
     elif args.command == "app":
         from pipelines.serve.app import run_app  # fastapi/uvicorn: imported only here
 

@@ -41,7 +41,7 @@ __all__ = [
 METADATA_KEY = "inpformer"
 INPUT_NAME, OUTPUT_NAMES = "images", ("maps", "scores")
 TORCHSCRIPT_META = "inpformer.json"
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "openvino": ".xml"}  # openvino: an IR converted from the ONNX
 
 
 class ScoringModule(nn.Module):
@@ -110,6 +110,11 @@ class Scorer:
                 available = ort.get_available_providers()
                 providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
                 self.session = ort.InferenceSession(str(path), providers=providers)
+        elif path.suffix == FORMATS["openvino"]:
+            from components.scoring.openvino_ir import read_ir
+
+            self.compiled, text = read_ir(path)
+            meta = {METADATA_KEY: text} if text else {}
         else:
             files = {TORCHSCRIPT_META: ""}
             with warnings.catch_warnings():
@@ -240,6 +245,8 @@ def parity(
 def load_exported(path: str | os.PathLike, device: str = "cpu", runtime: str = "onnxruntime") -> Scorer:
     """A :class:`Scorer` of an exported artifact (ONNX files run on ``runtime``: onnxruntime or
     openvino); a clear error when that runtime is missing."""
+    if Path(path).suffix == FORMATS["openvino"] and importlib.util.find_spec("openvino") is None:
+        raise RuntimeMissingError(f"{path}: OpenVINO IR models need openvino: pip install 'inpformer[openvino]'.")
     if Path(path).suffix == FORMATS["onnx"]:
         try:
             importlib.import_module("onnx")

@@ -31,13 +31,17 @@ class ThresholdParams(StrictParams):
 class ExportParams(StrictParams):
     """``inpformer export``: formats, and the parity check against PyTorch at export time."""
 
-    format: Literal["onnx", "torchscript"] = "onnx"
+    format: Literal["onnx", "torchscript", "openvino"] = "onnx"  # openvino: an IR (.xml + .bin), --int8 quantises it
     opset: int = Field(17, ge=11)
     dynamic_batch: bool = True
     parity_images: int = Field(8, ge=1)  # images of the evaluation split the export is checked on
     map_rtol: float = Field(1.0e-4, gt=0)  # max |map diff| / max |map|
     score_rtol: float = Field(1.0e-5, gt=0)  # max |score diff| / max |score|
     out_dir: str = "artifacts/export"
+    int8_mode: Literal["weights", "full"] = "weights"  # --int8: INT8 weights only, or weights + activations
+    int8_calibration_images: int = Field(32, ge=1)  # --int8 with int8_mode full: training normals NNCF calibrates on
+    int8_min_agreement: float = Field(0.99, ge=0, le=1)  # --int8 gate: share of evaluation decisions kept
+    int8_max_mad_drop: float = Field(0.005, ge=0)  # --int8 gate: largest mAD drop (0.005 = 0.5 points)
 
 
 class ServeParams(StrictParams):

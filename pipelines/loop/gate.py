@@ -48,7 +48,8 @@ ONNX_SUFFIX = ".onnx"
 
 def mad_on(p: Params, model: LoadedModel, test: list[Record]) -> float:
     """The model's mAD (mean over its categories of the per-category mAD) on ``test``."""
-    assert model.model is not None and model.scoring is not None
+    if model.model is None or model.scoring is None:
+        raise ValueError(f"{model.label}: the gate scores PyTorch models (a registry version), not exported files.")
     mads = []
     for category in model.categories:
         recs = [r for r in test if r.category == category]

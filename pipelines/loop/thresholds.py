@@ -170,12 +170,18 @@ def set_threshold(
     client = registry_client(p)
     name, version = registry_version(client, ref)
     package, _ = _effective(client, name, version)
-    _check(package, category, image, review, reason)
-    old: CategoryThresholds = package.thresholds[category]
+    old: CategoryThresholds | None = package.thresholds.get(category)
+    kept = old.review_threshold if old is not None and math.isfinite(old.review_threshold) else None
+    if review is None and kept is not None and kept >= image:
+        msg = f"the review band's lower end {kept:g} is not below --image {image:g}: pass --review too."
+        raise ValueError(msg)
+    _check(package, category, image, review if review is not None else kept, reason)
+    assert old is not None  # _check: a category of the model
+    band = math.nan if kept is None else kept  # --image alone keeps the review band's lower end
     entry = {
         "category": category,
         "image_threshold": float(image),
-        "review_threshold": math.nan if review is None else float(review),
+        "review_threshold": band if review is None else float(review),
         "previous": {
             "image_threshold": old.image_threshold,
             "review_threshold": old.review_threshold,

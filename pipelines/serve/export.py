@@ -24,8 +24,10 @@ from components.data.datasets import ImageDataset
 from components.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from components.files import atomic_write_text
 from components.scoring.export import FORMATS, ExportParityError, export_model, load_exported, parity
+from components.scoring.openvino_ir import WEIGHTS_SUFFIX, onnx_to_ir
 from pipelines.config import Params
 from pipelines.paths import EVAL_RUN_FILE, confined
+from pipelines.serve.int8 import calibration_images, int8_gate
 from pipelines.serve.predict import default_model, open_model
 from pipelines.stages.records import evaluation_records, load_records
 from pipelines.tracking.guard import tracking_failed, tracking_uri
@@ -48,9 +50,13 @@ def _parity_images(p: Params, package) -> torch.Tensor:
     return torch.stack([ds[i][keys.IMAGE] for i in range(len(ds))])
 
 
-def export(p: Params, model_ref: str | None = None, out: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Export, check parity, log; returns a summary (path, parity numbers, run id)."""
+def export(
+    p: Params, model_ref: str | None = None, out: str | None = None, progress: bool = False, int8: bool = False
+) -> dict[str, Any]:
+    """Export, check parity (INT8: the decision gate), log; returns a summary (path, parity numbers, run id)."""
     e = p.export
+    if int8 and e.format != "openvino":
+        raise ValueError(f"--int8 quantises an OpenVINO IR: use --format openvino (not {e.format}).")
     ref = model_ref or default_model(p)
     package = open_model(p, ref, "cpu")  # exported on CPU: the artifact runs anywhere
     if package.model is None:
@@ -88,12 +94,22 @@ def export(p: Params, model_ref: str | None = None, out: str | None = None, prog
         "outputs": {"maps": "B x 1 x R x R post-processed anomaly maps", "scores": "B image scores"},
         "package": replace(package.package, normalize=package.rule.normalized).to_dict(),
     }
-    export_model(package.model, package.scoring, metadata, target, images[:2], e.opset, e.dynamic_batch)
-    result = parity(package.model, package.scoring, load_exported(target), images)
-    ok = result["map_rel"] <= e.map_rtol and result["score_rel"] <= e.score_rtol
+    metadata["int8"] = e.int8_mode if int8 else "none"
+    _write(p, package, metadata, target, images, int8)
+    if int8:
+        result = int8_gate(p, package, load_exported(target, "cpu", "openvino"))
+        ok = result["passed"]
+    else:
+        result = parity(package.model, package.scoring, load_exported(target), images)
+        ok = result["map_rel"] <= e.map_rtol and result["score_rel"] <= e.score_rtol
     summary = {"path": str(target), "format": e.format, "version": package.version, **result, "passed": ok}
     if not ok:
         target.unlink(missing_ok=True)
+        target.with_suffix(WEIGHTS_SUFFIX).unlink(missing_ok=True)
+        if int8:
+            raise ExportParityError(
+                f"INT8 gate failed on {result['images']} images: {result['reason']}; {target} was removed."
+            )
         msg = (
             f"parity check failed on {result['images']} images: maps differ by {result['map_rel']:.2e} "
             f"(limit {e.map_rtol:g}), scores by {result['score_rel']:.2e} (limit {e.score_rtol:g}); "
@@ -103,12 +119,31 @@ def export(p: Params, model_ref: str | None = None, out: str | None = None, prog
     report = target.with_name(target.name + ".parity.json")
     atomic_write_text(report, json.dumps(summary, indent=2))
     summary["run_id"] = _log(p, target, report, ref)
+    if int8:
+        print(f"exported {target} (OpenVINO INT8) on {result['images']} evaluation images: {result['reason']}")
+        return summary
     print(
         f"exported {target} ({e.format}, opset {e.opset if e.format == 'onnx' else '-'}): parity on "
         f"{result['images']} images: maps {result['map_rel']:.1e} ≤ {e.map_rtol:g}, "
         f"scores {result['score_rel']:.1e} ≤ {e.score_rtol:g}"
     )
     return summary
+
+
+def _write(p: Params, package, metadata: dict[str, Any], target: Path, images: torch.Tensor, int8: bool) -> None:
+    """The artifact: ONNX / TorchScript directly; OpenVINO from a temporary ONNX beside the target."""
+    e = p.export
+    if e.format != "openvino":
+        export_model(package.model, package.scoring, metadata, target, images[:2], e.opset, e.dynamic_batch)
+        return
+    onnx_file = target.with_name(target.stem + ".tmp" + FORMATS["onnx"])
+    try:
+        export_model(package.model, package.scoring, metadata, onnx_file, images[:2], e.opset, e.dynamic_batch)
+        mode = e.int8_mode if int8 else "none"
+        calibration = calibration_images(p, package) if mode == "full" else None
+        onnx_to_ir(onnx_file, target, json.dumps(metadata, sort_keys=True), mode, calibration)
+    finally:
+        onnx_file.unlink(missing_ok=True)
 
 
 def _log(p: Params, target: Path, report: Path, ref: str) -> str:
@@ -126,6 +161,8 @@ def _log(p: Params, target: Path, report: Path, ref: str) -> str:
         mlflow.set_tracking_uri(tracking_uri(p))
         client = mlflow.MlflowClient()
         client.log_artifact(run_id, str(target), artifact_path=f"export-{group}")
+        if target.with_suffix(WEIGHTS_SUFFIX).is_file() and target.suffix == FORMATS["openvino"]:
+            client.log_artifact(run_id, str(target.with_suffix(WEIGHTS_SUFFIX)), artifact_path=f"export-{group}")
         client.log_artifact(run_id, str(report), artifact_path=f"export-{group}")
         version = record.get("registry", {}).get(group, {}).get("version")
         if version:

@@ -1,0 +1,85 @@
+"""Edge export (issue 23): OpenVINO IR, INT8 with a gate on decisions; the failing gate leaves no file."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import model_workspace
+from test_inspection_loop import _parts
+
+from pipelines.serve.int8 import gate_verdict
+
+pytest.importorskip("openvino")
+
+
+@pytest.mark.parametrize(
+    ("agreement", "drop", "passed"),
+    [(1.0, 0.0, True), (0.99, 0.005, True), (0.989, 0.0, False), (1.0, 0.0051, False), (1.0, math.nan, True)],
+)
+def test_int8_gate_verdict(agreement: float, drop: float, passed: bool) -> None:
+    assert gate_verdict(agreement, drop, 0.99, 0.005)[0] is passed
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    from pipelines.config import load_params
+    from pipelines.stages.prepare_data import prepare
+
+    monkeypatch.chdir(tmp_path)
+    model_workspace(tmp_path, ["a"], {"a": {"image_threshold": 1.0, "pixel_threshold": 0.5}})
+    _parts(tmp_path / "sources" / "parts" / "a" / "train" / "good", 4, seed=1)
+    _parts(tmp_path / "sources" / "parts" / "a" / "test" / "good", 3, seed=2)
+    _parts(tmp_path / "sources" / "parts" / "a" / "test" / "dent", 3, seed=3, invert=True)
+    sets = ["data.dataset=folder", "data.source=sources/parts", "data.name=parts", "train.device=cpu"]
+    sets += ["tracking.enabled=false", "export.format=openvino"]
+    prepare(load_params("params.yaml", sets))
+    return sets
+
+
+def test_openvino_int8_export_scores_like_pytorch(workspace) -> None:
+    from pipelines.config import load_params
+    from pipelines.serve.export import export
+    from pipelines.serve.predict import open_model
+
+    p = load_params("params.yaml", [*workspace, "export.int8_mode=weights"])
+    summary = export(p, "artifacts/models/all", "out/model.xml", int8=True)
+    assert summary["images"] == 6 and 0.0 <= summary["agreement"] <= 1.0
+    assert Path("out/model.xml").is_file() and Path("out/model.bin").is_file()
+    loaded = open_model(p, "out/model.xml", "cpu")
+    assert loaded.categories == ["a"] and loaded.rule.of("a").image_threshold == 1.0  # the metadata travels
+    f32 = export(load_params("params.yaml", workspace), "artifacts/models/all", "out/f32.xml")  # parity-checked
+    assert f32["passed"] and f32["map_rel"] < 1e-4
+    assert Path("out/model.bin").stat().st_size < 0.5 * Path("out/f32.bin").stat().st_size  # INT8 weights
+
+
+def test_failing_int8_gate_removes_the_files(workspace, monkeypatch) -> None:
+    """Full INT8 (weights and activations, calibrated on training normals), its gate forced to fail."""
+    from components.errors import ExportParityError
+    from pipelines.config import load_params
+    from pipelines.serve import export as export_module
+
+    seen = {}
+
+    def failing(p, torch_model, int8):
+        batch = torch.from_numpy(export_module.calibration_images(p, torch_model)[0])
+        seen["scores"] = int8(batch)[1]  # the quantised model runs
+        return {"images": 6, "agreement": 0.5, "passed": False, "reason": "decisions agree on 50.00% < 99.00%"}
+
+    monkeypatch.setattr(export_module, "int8_gate", failing)
+    p = load_params("params.yaml", [*workspace, "export.int8_mode=full", "export.int8_calibration_images=4"])
+    with pytest.raises(ExportParityError, match="INT8 gate failed.*removed"):
+        export_module.export(p, "artifacts/models/all", "out/model.xml", int8=True)
+    assert seen["scores"].shape == (1,)
+    assert not any(Path("out").iterdir())  # neither .xml nor .bin nor a temporary ONNX
+
+
+def test_int8_needs_openvino_format(workspace) -> None:
+    from pipelines.config import load_params
+    from pipelines.serve.export import export
+
+    p = load_params("params.yaml", [*workspace, "export.format=onnx"])
+    with pytest.raises(ValueError, match="--format openvino"):
+        export(p, "artifacts/models/all", "out/model.onnx", int8=True)
