@@ -129,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--format", choices=("onnx", "torchscript", "openvino"), help="default: export.format")
-    p.add_argument("--int8", action="store_true", help="openvino: NNCF INT8, gated on decisions (export.int8_*)")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="openvino: NNCF INT8 (export.int8_mode), gated on decisions (export.int8_min_agreement)",
+    )
     p.add_argument("--opset", type=int, help="ONNX opset (default: export.opset)")
     p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=None, help="dynamic batch axis")
     p.add_argument("--out", help="target file (default: export.out_dir/model.onnx|.pt)")

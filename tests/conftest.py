@@ -144,6 +144,19 @@ def copy_repository(dst: Path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="session")
+def e2e_project(tmp_path_factory):
+    """The tiny DVC project after its baseline ``dvc repro`` (committed), shared by test_pipeline and
+    test_settings: one baseline run for both (CI time). (project, env, the baseline's output)."""
+    from test_pipeline import BIN, _run, make_project
+
+    proj, env = make_project(tmp_path_factory.mktemp("e2e"))
+    first = _run([str(BIN / "dvc"), "repro"], proj, env)
+    _run(["git", "add", "-A"], proj, env)
+    _run(["git", "commit", "-qm", "baseline"], proj, env)  # dvc.lock and metrics/ are versioned by git
+    return proj, env, first
+
+
 @pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
 def torch_threads(request):
     """Run a numeric test with 1 and with 2 torch threads (kernels split reductions by thread)."""

@@ -120,7 +120,7 @@ def _strings(path: Path) -> list[tuple[int, str]]:
 
 
 def test_every_params_key_named_in_a_message_exists() -> None:
-    pattern = re.compile(rf"(?<![\w./])(?:{'|'.join(SECTIONS)})(?:\.[a-z_]+)+")
+    pattern = re.compile(rf"(?<![\w./])(?:{'|'.join(SECTIONS)})(?:\.[a-z][a-z0-9_]*)+")
     found, missing = 0, []
     for pkg in ("components", "pipelines"):
         for path in (ROOT / pkg).rglob("*.py"):

@@ -176,12 +176,11 @@ def test_gate_keeps_the_champion_unless_every_check_passes(tmp_path, monkeypatch
     monkeypatch.delenv(PROMOTION_ENV)
     champion = "models:/inpformer@champion"
     assert open_model(p, champion, "cpu").version == "v1"
-    slow = gate(load_params("params.yaml", [*sets, "serve.latency_budget_ms=1e-6"]))
-    assert not slow["passed"] and [c["check"] for c in slow["checks"] if not c["passed"]] == ["latency"]
-    assert open_model(p, champion, "cpu").version == "v1"
-    strict = gate(load_params("params.yaml", [*sets, "export.map_rtol=1e-300", "export.score_rtol=1e-300"]))
-    assert [c["check"] for c in strict["checks"] if not c["passed"]] == ["parity"]
-    assert open_model(p, champion, "cpu").version == "v1"  # each failing check alone keeps the champion
+    failing = ["serve.latency_budget_ms=1e-6", "export.map_rtol=1e-300", "export.score_rtol=1e-300"]
+    bad = gate(load_params("params.yaml", [*sets, *failing]))
+    assert not bad["passed"] and [c["check"] for c in bad["checks"] if not c["passed"]] == ["parity", "latency"]
+    assert bad["checks"][0]["passed"]  # the metric alone passes: the champion scores no test image
+    assert open_model(p, champion, "cpu").version == "v1"  # kept
     passed = gate(p)
     assert passed["passed"] and passed["promoted"] and open_model(p, champion, "cpu").version == "v2"
     # an audited threshold change travels with the version and is what predict decides with

@@ -93,12 +93,9 @@ def make_project(tmp: Path) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def dvc_project(tmp_path_factory):
-    proj, env = make_project(tmp_path_factory.mktemp("e2e"))
-    first = _run([str(BIN / "dvc"), "repro"], proj, env)
-    _run(["git", "add", "-A"], proj, env)
-    _run(["git", "commit", "-qm", "baseline"], proj, env)  # dvc.lock and metrics/ are versioned by git
-    return proj, env, first
+def dvc_project(e2e_project):
+    """The shared baseline project (conftest.e2e_project; test_settings runs its experiments on it later)."""
+    return e2e_project
 
 
 def test_dvc_repro_writes_metrics_and_registers_champion(dvc_project) -> None:
@@ -344,10 +341,13 @@ def test_inspection_loop_journey(dvc_project, tmp_path_factory) -> None:
     held.mkdir(parents=True)
     for f in sorted((fresh / "brick" / "train" / "good").iterdir())[8:]:  # the first 8 are the training images
         shutil.copy(f, held / f.name)
-    _cli(["serve-scoring", "--once", "--watch", "heldout", "--out", "artifacts/scoring-held"], proj, env)
-    report = json.loads((proj / "artifacts" / "scoring-held" / "drift.json").read_text())
-    assert report["categories"]["brick"]["drift"] is False, report
     _inverted(held, proj / "inverted" / "brick")
-    _cli(["serve-scoring", "--once", "--watch", "inverted", "--out", "artifacts/scoring-inv"], proj, env)
-    report = json.loads((proj / "artifacts" / "scoring-inv" / "drift.json").read_text())
-    assert report["categories"]["brick"]["drift"] is True, report
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.serve.scoring import scoring_flow
+
+    with prefect_test_harness(server_startup_timeout=None):  # the two runs in one Prefect server (CI time)
+        for folder, drifts in (("heldout", False), ("inverted", True)):
+            scoring_flow(watch=str(proj / folder), out=f"artifacts/scoring-{folder}", root=str(proj))
+            report = json.loads((proj / "artifacts" / f"scoring-{folder}" / "drift.json").read_text())
+            assert report["categories"]["brick"]["drift"] is drifts, report

@@ -7,7 +7,7 @@ import math
 import shutil
 
 import pytest
-from test_pipeline import BIN, _cli, _run, make_project
+from test_pipeline import BIN, _cli, _run
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +23,10 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    proj, env = make_project(tmp_path_factory.mktemp("settings"))
-    _run([str(BIN / "dvc"), "repro"], proj, env)
-    _run(["git", "add", "-A"], proj, env)
-    _run(["git", "commit", "-qm", "baseline"], proj, env)
+def project(e2e_project):
+    """The shared baseline project (conftest.e2e_project), after test_pipeline used it: each setting runs
+    on top of the baseline params (its categories are unchanged by what those tests added)."""
+    proj, env, _ = e2e_project
     # super-multi-class unions a second prepared dataset; zero-shot scores with a model trained elsewhere
     _cli(["prepare", "--name", "extra", "--set", "data.synthetic.seed=5", "--set", "data.synthetic.categories=[grass]"],
          proj, env)  # fmt: skip
