@@ -83,3 +83,25 @@ def test_int8_needs_openvino_format(workspace) -> None:
     p = load_params("params.yaml", [*workspace, "export.format=onnx"])
     with pytest.raises(ValueError, match="--format openvino"):
         export(p, "artifacts/models/all", "out/model.onnx", int8=True)
+
+
+def test_benchmark_table_has_every_runtime(workspace) -> None:
+    import json
+
+    from pipelines.config import load_params
+    from pipelines.serve.benchmark import BENCH_DIR, benchmark
+
+    rows = benchmark(load_params("params.yaml", workspace), "artifacts/models/all", runs=5)
+    names = [r["runtime"] for r in rows]
+    assert names[:2] == ["eager fp32", "eager bf16"] and "openvino int8 (weights)" in names
+    measured = [r for r in rows if "skipped" not in r]
+    assert {"eager fp32", "torchscript", "onnxruntime", "openvino f32"} <= {r["runtime"] for r in measured}
+    for r in measured:
+        assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["images_per_s"] > 0
+        assert r["agreement"] >= 5 / 6  # thresholds at 1.0: exports decide like eager (INT8: at most one flip)
+    exact = {r["runtime"]: r for r in measured}
+    assert exact["eager fp32"]["max_score_diff"] == 0.0 and exact["onnxruntime"]["max_score_diff"] < 1e-4
+    assert exact["openvino int8 (weights)"]["file_mib"] < exact["openvino f32"]["file_mib"]
+    summary = json.loads((BENCH_DIR / "benchmark.json").read_text())
+    assert summary["gflops_per_image"] > 0 and summary["params_m"] > 0
+    assert "p95 ms" in (BENCH_DIR / "benchmark.md").read_text()

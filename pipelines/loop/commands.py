@@ -1,4 +1,4 @@
-"""The inspection loop's commands: ``thresholds``, ``review``, ``gate`` and ``retrain``."""
+"""The inspection loop's commands: ``thresholds``, ``review``, ``gate``, ``retrain``; and ``benchmark``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pipelines.config import Params
 
 __all__ = ["LOOP_COMMANDS", "add_loop_parsers", "dispatch_loop"]
 
-LOOP_COMMANDS = ("thresholds", "review", "gate", "retrain")
+LOOP_COMMANDS = ("thresholds", "review", "gate", "retrain", "benchmark")
 MODEL_REF_HELP = "registered model version (default: models:/<tracking.registered_model>@champion)"
 
 
@@ -46,6 +46,10 @@ def add_loop_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]
     p.add_argument("--candidate", help="default: models:/<registered_model>@candidate")
     p.add_argument("--champion", help="default: models:/<registered_model>@champion")
     p.add_argument("--no-promote", action="store_true", help="only report")
+    p = sub.add_parser("benchmark", help="latency p50/p95/p99, throughput, memory, size, agreement per runtime")
+    common(p)
+    p.add_argument("--model", help="a model folder or registry URI (default: the workspace's only model)")
+    p.add_argument("--runs", type=int, default=50, help="batch-1 calls timed per runtime (default 50)")
     p = sub.add_parser("retrain", help="Prefect flow: rerun the pipeline as a DVC experiment, then the gate")
     common(p)
     p.add_argument("--reason", default="manual")
@@ -109,6 +113,10 @@ def dispatch_loop(args: argparse.Namespace, p: Params) -> int:
                 raise ValueError("review mark needs an item (id or path) and --verdict normal|defect.")
             entry = r.mark(p, args.item, args.verdict, args.defect, args.reason)
             print(f"{entry['id']}: {entry['verdict']} → {p.review.dir}/{entry['file']} (prepare sees it: dvc repro)")
+    elif args.command == "benchmark":
+        from pipelines.serve.benchmark import benchmark  # onnx/openvino: only here
+
+        benchmark(p, args.model, args.runs)
     elif args.command == "gate":
         from pipelines.loop.gate import gate
 

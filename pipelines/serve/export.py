@@ -34,20 +34,25 @@ from pipelines.tracking.guard import tracking_failed, tracking_uri
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["export"]
+__all__ = ["evaluation_batch", "export"]
 
 
-def _parity_images(p: Params, package) -> torch.Tensor:
-    """The first ``export.parity_images`` evaluation images (normals and anomalies), transformed."""
+def evaluation_batch(p: Params, package) -> tuple[torch.Tensor, list[str]]:
+    """The first ``export.parity_images`` evaluation images (normals and anomalies), transformed,
+    and their categories."""
     records = evaluation_records(p, load_records(p))
     if package.categories:
         records = [r for r in records if r.category in package.categories] or records
     normal = [r for r in records if r.label == 0]
     anomalous = [r for r in records if r.label == 1]
     n = p.export.parity_images
-    chosen = (anomalous[: n // 2] + normal)[:n] if anomalous else normal[:n]
-    ds = ImageDataset(chosen or records[:n], package.transform)
-    return torch.stack([ds[i][keys.IMAGE] for i in range(len(ds))])
+    chosen = ((anomalous[: n // 2] + normal)[:n] if anomalous else normal[:n]) or records[:n]
+    ds = ImageDataset(chosen, package.transform)
+    return torch.stack([ds[i][keys.IMAGE] for i in range(len(ds))]), [r.category for r in chosen]
+
+
+def _parity_images(p: Params, package) -> torch.Tensor:
+    return evaluation_batch(p, package)[0]
 
 
 def export(
