@@ -78,6 +78,7 @@ def batch1_latency_ms(model: LoadedModel) -> float:
 
 
 def _champion(p: Params, ref: str) -> LoadedModel | None:
+    """The registered model of ``ref``, or None when the alias or version does not exist."""
     try:
         return open_model(p, ref, "cpu")
     except Exception as err:  # no champion yet (MLflow raises a generic error for a missing alias)
@@ -92,7 +93,9 @@ def gate(p: Params, candidate: str = "", champion: str = "", promote: bool = Tru
     candidate = candidate or f"models:/{name}@candidate"
     champion = champion or f"models:/{name}@{CHAMPION}"
     resolve_device(p.serve.device, "serve.device")
-    cand = open_model(p, candidate, "cpu")
+    cand = _champion(p, candidate)
+    if cand is None:
+        raise ValueError(f"{candidate}: no such registered version; evaluate registers a candidate (dvc repro).")
     champ = _champion(p, champion)
     test = evaluation_records(p, load_records(p))
     cand_mad = mad_on(p, cand, test)
