@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25 tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 # Everything but the end-to-end DVC, Prefect and sweep tests (marked slow); under 90 s on 2 cores.
 test-fast: setup
