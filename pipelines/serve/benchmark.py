@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from components.files import atomic_write_text
-from components.scoring.export import export_model, load_exported
+from components.scoring.export import FORMATS, export_model, load_exported
 from components.scoring.inference import score_batch
 from components.scoring.openvino_ir import onnx_to_ir
 from components.scoring.scorer import LoadedModel
@@ -42,6 +42,7 @@ BENCH_DIR = ARTIFACTS / "benchmark"
 WARMUP, THROUGHPUT_BATCH, THROUGHPUT_RUNS = 3, 8, 3
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 MIB = 2**20
+ONNX_FILE = "scorer" + FORMATS["onnx"]
 
 
 def gflops(model: LoadedModel) -> float:
@@ -126,8 +127,8 @@ def _runtimes(p: Params, model: LoadedModel, folder: Path, images: torch.Tensor)
     rows.append(("eager bf16", bf16 if _has_bf16() else "no native bf16 on this CPU (AVX512-BF16/AMX)", None))
     meta = {"package": model.package.to_dict(), "version": model.version}
     for name, file, runtime in (
-        ("torchscript", "model.pt", "onnxruntime"),
-        ("onnxruntime", "model.onnx", "onnxruntime"),
+        ("torchscript", "scorer" + FORMATS["torchscript"], "onnxruntime"),
+        ("onnxruntime", ONNX_FILE, "onnxruntime"),
     ):
         path = folder / file
         export_model(model.model, model.scoring, meta, path, images[:2], p.export.opset, True)
@@ -136,7 +137,7 @@ def _runtimes(p: Params, model: LoadedModel, folder: Path, images: torch.Tensor)
         try:
             path = folder / f"{mode}.xml"
             calibration = [images[i : i + 1].numpy() for i in range(len(images))] if mode == "full" else None
-            onnx_to_ir(folder / "model.onnx", path, json.dumps(meta), mode, calibration)
+            onnx_to_ir(folder / ONNX_FILE, path, json.dumps(meta), mode, calibration)
             rows.append((name, load_exported(path, "cpu", "openvino"), path))
         except ImportError as err:
             rows.append((name, f"not installed ({err.name}): pip install 'inpformer[openvino]'", None))
