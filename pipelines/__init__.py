@@ -32,13 +32,18 @@ def telemetry_off() -> None:
         os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 
-def has_avx2(cpuinfo: str = CPUINFO) -> bool:
-    """Whether this (Linux) CPU has AVX2 and FMA; False when that cannot be read (another OS, ARM)."""
+def cpu_flags(cpuinfo: str = CPUINFO) -> list[str]:
+    """This (Linux) CPU's feature flags; empty when they cannot be read (another OS)."""
     try:
         with open(cpuinfo) as fh:
-            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
     except OSError:
-        return False
+        return []
+
+
+def has_avx2(cpuinfo: str = CPUINFO) -> bool:
+    """Whether this (Linux) CPU has AVX2 and FMA; False when that cannot be read (another OS, ARM)."""
+    flags = cpu_flags(cpuinfo)
     return "avx2" in flags and "fma" in flags
 
 

@@ -30,7 +30,7 @@ from components.scoring.export import FORMATS, export_model, load_exported
 from components.scoring.inference import score_batch
 from components.scoring.openvino_ir import onnx_to_ir
 from components.scoring.scorer import LoadedModel
-from pipelines import CPUINFO
+from pipelines import cpu_flags
 from pipelines.config import Params
 from pipelines.paths import ARTIFACTS
 from pipelines.serve.export import evaluation_batch
@@ -80,13 +80,7 @@ def _peak_rss_mib() -> float:
 
 
 def _has_bf16() -> bool:
-    try:
-        flags = next(
-            (x.split(":", 1)[1].split() for x in Path(CPUINFO).read_text().splitlines() if x.startswith("flags")), []
-        )
-    except OSError:
-        return False
-    return any(f in flags for f in BF16_FLAGS)
+    return any(f in cpu_flags() for f in BF16_FLAGS)
 
 
 def _timed(run: Callable[[torch.Tensor], Any], images: torch.Tensor, runs: int) -> dict[str, float]:
