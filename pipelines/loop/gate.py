@@ -28,7 +28,6 @@ import torch
 
 from components.data.datasets import ImageDataset, Record
 from components.errors import ExportParityError
-from components.evaluation.metrics import evaluate_arrays
 from components.scoring.inference import predict
 from components.scoring.scorer import LoadedModel
 from pipelines.builders import resolve_device
@@ -36,7 +35,7 @@ from pipelines.config import Params
 from pipelines.loop.thresholds import registry_client, registry_version
 from pipelines.repro.record import min_gain
 from pipelines.serve.predict import open_model
-from pipelines.stages.eval_checks import pixel_known, pixel_truth
+from pipelines.stages.eval_checks import result_mad
 from pipelines.stages.records import evaluation_records, load_records
 from pipelines.tracking.registry import CHAMPION, champion_alias
 
@@ -57,8 +56,7 @@ def mad_on(p: Params, model: LoadedModel, test: list[Record]) -> float:
             continue
         ds = ImageDataset(recs, model.transform)
         res = predict(model.model, ds, model.scoring, p.eval.batch_size, "cpu", 0, progress=False)
-        maps, masks = pixel_truth(res, pixel_known(recs))
-        mads.append(evaluate_arrays(res.scores, res.labels, maps, masks, p.eval.metrics_mode, p.eval.fpr_limit)["mad"])
+        mads.append(result_mad(p, res, recs))
     finite = [m for m in mads if math.isfinite(m)]
     return float(np.mean(finite)) if finite else math.nan
 

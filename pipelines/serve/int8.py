@@ -20,11 +20,10 @@ import torch
 
 from components.data import batch as keys
 from components.data.datasets import ImageDataset
-from components.evaluation.metrics import evaluate_arrays
 from components.scoring.inference import predict
 from components.scoring.scorer import LoadedModel
 from pipelines.config import Params
-from pipelines.stages.eval_checks import pixel_known, pixel_truth
+from pipelines.stages.eval_checks import result_mad
 from pipelines.stages.records import evaluation_records, load_records
 
 __all__ = ["calibration_images", "gate_verdict", "int8_gate"]
@@ -83,11 +82,8 @@ def int8_gate(p: Params, torch_model: LoadedModel, int8: Any) -> dict[str, Any]:
         agree += sum(a == b for a, b in zip(ref, got))
         total += len(ref)
         if len(set(res.labels.tolist())) == 2:
-            for result, out in ((res, mads), (replace(res, maps=maps8, scores=scores8), mads8)):
-                maps, masks = pixel_truth(result, pixel_known(recs))
-                out.append(
-                    evaluate_arrays(result.scores, result.labels, maps, masks, e.metrics_mode, e.fpr_limit)["mad"]
-                )
+            mads.append(result_mad(p, res, recs))
+            mads8.append(result_mad(p, replace(res, maps=maps8, scores=scores8), recs))
     agreement = agree / total if total else math.nan
     mad, mad8 = (float(np.nanmean(m)) if m else math.nan for m in (mads, mads8))
     ok, reason = gate_verdict(agreement, mad - mad8, p.export.int8_min_agreement, p.export.int8_max_mad_drop)

@@ -16,7 +16,7 @@ from pipelines.config import Params
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["json_safe", "pixel_known", "pixel_truth", "threshold_sanity"]
+__all__ = ["json_safe", "pixel_known", "pixel_truth", "result_mad", "threshold_sanity"]
 
 
 def pixel_truth(res: InferenceResult, known: set[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -66,3 +66,12 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def result_mad(p: Params, res: InferenceResult, records: list[Record]) -> float:
+    """The mAD of one category's scored images (``eval.metrics_mode``, ``eval.fpr_limit``), pixel
+    metrics from the images with a ground truth only (:func:`pixel_truth`)."""
+    from components.evaluation.metrics import evaluate_arrays
+
+    maps, masks = pixel_truth(res, pixel_known(records))
+    return evaluate_arrays(res.scores, res.labels, maps, masks, p.eval.metrics_mode, p.eval.fpr_limit)["mad"]
