@@ -5,6 +5,9 @@ Prints one table, measured side by side in one run:
 * fp32 / bf16 autocast / bf16 + SDPA / bf16 + SDPA + torch.compile: training-step ms and peak memory
   for ViT-B@392 batch 16 (the paper's size), and inference ms per image;
 * the largest difference of the anomaly maps bf16 vs fp32 on fixed inputs (relative to the map's max);
+* the exported scorer (model + map post-processing, ``ScoringModule``) at batch 1 in fp32, fp16 and
+  bf16, eager and TorchScript-traced: latency ms and the largest image-score difference vs fp32
+  (the deployment rows; INT8 is a CPU/OpenVINO path, ``inpformer benchmark``);
 * a 2-process DDP smoke test: NCCL on 2 GPUs when there are 2 or more, otherwise 2 CPU processes (gloo).
 
 ``--dry-run``: the same code on CPU with a tiny model (for the test suite; a few seconds).
@@ -34,6 +37,8 @@ from components.engine.losses import DiceLoss, NormalPatternLoss
 from components.engine.optim import StableAdamW
 from components.model import InpFormer, InpFormerConfig
 from components.scoring.anomaly_map import reconstruction_map
+from components.scoring.export import ScoringModule
+from components.scoring.inference import ScoringConfig
 
 FULL = {"encoder_name": "dinov2reg_vit_base_14", "image_size": 392, "batch": 16}
 DRY = {"encoder_name": "dinov2reg_vit_small_14", "image_size": 56, "batch": 2,
@@ -80,6 +85,33 @@ def _variant(spec: dict, device: str, bf16: bool, attention: str, compiled: bool
         out = forward(x)
         amap = reconstruction_map(out.encoder_groups, out.decoder_groups, (size, size)).float()
     return {"train_ms": train_ms, "peak_gib": peak, "infer_ms": infer_ms, "map": amap}
+
+
+EXPORT_DTYPES = (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16))
+
+
+def _export_rows(spec: dict, device: str, iters: int) -> list[str]:
+    """Batch-1 latency of the scoring module per precision (autocast; traced under it for
+    TorchScript), eager and traced, with its image-score difference from fp32 eager."""
+    size = spec["image_size"]
+    x = torch.randn(1, 3, size, size, device=device)
+    module = ScoringModule(_model(spec, "explicit", device).eval(), ScoringConfig()).eval()
+    lines, ref = [], None
+    for label, dtype in EXPORT_DTYPES:
+        cast = torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        for kind in ("eager", "torchscript"):
+            try:
+                with torch.no_grad(), cast:
+                    run = torch.jit.trace(module, x, check_trace=False) if kind == "torchscript" else module
+                    ms = time_ms(lambda run=run: run(x), iters, device)
+                    score = run(x)[1].float()
+            except Exception as err:  # a precision or kernel unavailable here: reported, not fatal
+                lines.append(f"{label + ' ' + kind:<20}{type(err).__name__}: {str(err)[:60]}")
+                continue
+            ref = score if ref is None else ref
+            diff = float((score - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+            lines.append(f"{label + ' ' + kind:<20}{ms:>10.2f}{diff:>18.2e}")
+    return lines
 
 
 def _ddp_worker(rank: int, world: int, port: int, device: str, spec: dict) -> None:
@@ -134,6 +166,8 @@ def main() -> None:
         ref = r["map"] if ref is None else ref
         diff = float((r["map"] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
         print(f"{label:<20}{r['train_ms']:>10.1f}{r['peak_gib']:>10.2f}{r['infer_ms']:>14.2f}{diff:>18.2e}")
+    print(f"\nexported scorer, batch 1\n{'variant':<20}{'ms':>10}{'score diff vs fp32':>18}")
+    print("\n".join(_export_rows(spec, device, iters)))
     print(f"\nDDP smoke test: {_ddp_smoke(spec)}")
 
 

@@ -17,9 +17,12 @@ TELEMETRY_OFF = {
 }
 TRUTHY = ("1", "true", "yes")
 # The same CPU kernels on every x86 CPU with AVX2 + FMA (an AVX-512/AMX CPU would otherwise take its
-# own code paths in ATen, MKL and oneDNN, whose rounding differs): measured, each of these changes
-# the trained weights' bits, and pinned they are the kernels an AVX2-only CPU runs anyway.
-CPU_KERNEL_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# own code paths in ATen and MKL, whose rounding differs): measured, each of these changes the trained
+# weights' bits, and pinned they are the kernels an AVX2-only CPU runs anyway. oneDNN is not pinned:
+# train and evaluate run with it off (pipelines.builders.apply_cpu_policy), so its ISA does not reach
+# their bits, and a process-wide ONEDNN_MAX_CPU_ISA breaks OpenVINO's CPU plugin on AVX-512 CPUs (its
+# INT8-weight FullyConnected then has no primitive: measured on an AMD EPYC Zen 4).
+CPU_KERNEL_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
 KERNELS_ENV = "INPFORMER_CPU_KERNELS"  # avx2 (default) | native (each CPU's fastest kernels; bits differ by CPU)
 CPUINFO = "/proc/cpuinfo"
 

@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--int8",
         action="store_true",
-        help="openvino: NNCF INT8 (export.int8_mode), gated on decisions (export.int8_min_agreement)",
+        help="INT8 (export.int8_mode): openvino by NNCF, onnx by ONNX Runtime quantisation; "
+        "gated on decisions (export.int8_min_agreement)",
     )
     p.add_argument("--opset", type=int, help="ONNX opset (default: export.opset)")
     p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=None, help="dynamic batch axis")

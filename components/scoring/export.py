@@ -143,7 +143,7 @@ class Scorer:
             return maps[:, 0], scores
         with torch.no_grad():
             maps, scores = self.module(images.to(self.device))
-        return maps[:, 0].cpu().numpy(), scores.cpu().numpy()
+        return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()  # float: bf16 under autocast
 
 
 def export_model(

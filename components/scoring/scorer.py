@@ -76,7 +76,7 @@ def torch_scorer(model: InpFormer, scoring: ScoringConfig, device: str = "cpu") 
     def scorer(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
             maps, scores = score_batch(model, images.to(device), scoring)
-        return maps[:, 0].cpu().numpy(), scores.cpu().numpy()
+        return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()  # float: bf16 under autocast
 
     return scorer
 

@@ -7,8 +7,8 @@
    champion gate's ``registry.min_gain`` (the noise floor when measured; no champion: passes);
 2. **parity**: the candidate exports to ONNX and matches PyTorch within ``export.map_rtol`` /
    ``export.score_rtol`` (:func:`pipelines.serve.export.export`);
-3. **latency**: the candidate's batch-1 scoring (median of ``LATENCY_RUNS`` after warm-up) is
-   within ``serve.latency_budget_ms``.
+3. **latency**: the candidate's batch-1 scoring (median of ``LATENCY_RUNS`` after warm-up, timed
+   as ``inpformer benchmark`` times) is within ``serve.latency_budget_ms``.
 
 Only then are the aliases ``champion`` and the scope's ``champion-<dataset>-<setting>`` moved to the
 candidate. The table is printed and returned (the retrain flow publishes it as a Prefect artifact).
@@ -17,9 +17,7 @@ candidate. The table is printed and returned (the retrain flow publishes it as a
 from __future__ import annotations
 
 import math
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +39,7 @@ from pipelines.tracking.registry import CHAMPION, champion_alias
 
 __all__ = ["batch1_latency_ms", "gate", "mad_on"]
 
-WARMUP_RUNS, LATENCY_RUNS = 2, 10
+LATENCY_RUNS = 10
 ONNX_SUFFIX = ".onnx"
 
 
@@ -61,18 +59,13 @@ def mad_on(p: Params, model: LoadedModel, test: list[Record]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def batch1_latency_ms(model: LoadedModel) -> float:
-    """Median batch-1 scoring time of ``model`` (a normalised input), in milliseconds."""
+def batch1_latency_ms(model: LoadedModel, runs: int = LATENCY_RUNS) -> float:
+    """Median batch-1 scoring time of ``model`` (a normalised input), in milliseconds: the
+    benchmark's timing (:func:`pipelines.serve.benchmark.timed`), eager row."""
+    from pipelines.serve.benchmark import timed
+
     side = model.transform.crop
-    image = torch.zeros(1, 3, side, side)
-    for _ in range(WARMUP_RUNS):
-        model.scorer(image)
-    times = []
-    for _ in range(LATENCY_RUNS):
-        start = time.perf_counter()
-        model.scorer(image)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return timed(model.scorer, torch.zeros(1, 3, side, side), runs, throughput=False)["p50_ms"]
 
 
 def _champion(p: Params, ref: str) -> LoadedModel | None:

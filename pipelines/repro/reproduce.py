@@ -95,6 +95,22 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], what: str) -> str:
     return out.stdout
 
 
+def _run_streamed(cmd: list[str], cwd: Path, env: dict[str, str], what: str) -> None:
+    """Run a long step with its output (stdout and stderr) passed on line by line, indented, so the
+    stages' progress lines show while it runs; the last lines name the failure."""
+    tail: list[str] = []
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(f"  | {line.rstrip()}", flush=True)
+            tail = [*tail[-14:], line.rstrip()]
+        code = proc.wait(timeout=STEP_TIMEOUT_S)
+    if code != 0:
+        raise CommandFailed(f"{what} failed ({' '.join(cmd)}):\n  " + "\n  ".join(tail))
+
+
 def _rebuild(record: dict[str, Any], scratch: Path, workspace: Path) -> dict[str, Any]:
     """Worktree at the commit, the recorded params, the data from the DVC cache, train + evaluate forced."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "INPFORMER_TRACKING"))}
@@ -114,11 +130,11 @@ def _rebuild(record: dict[str, Any], scratch: Path, workspace: Path) -> dict[str
         print("some outputs of the commit's dvc.lock are not in the DVC cache: the data stages rebuild them")
     print(f"rebuilding commit {record['commit'][:12]} in {scratch}")
     try:
-        _run([*dvc, "repro", "synthesize"], scratch, env, "preparing the data (dvc repro synthesize)")
+        _run_streamed([*dvc, "repro", "synthesize"], scratch, env, "preparing the data (dvc repro synthesize)")
     except CommandFailed as err:
         raise CommandFailed(f"the recorded data is not available (dvc pull it into {cache}?): {err}") from err
     force = [*dvc, "repro", "--force", "--no-run-cache", "--downstream", "train"]  # always trained again
-    _run(force, scratch, env, "training and evaluating again")
+    _run_streamed(force, scratch, env, "training and evaluating again")
     metrics = json.loads((scratch / "metrics" / "metrics.json").read_text())
     eval_run = json.loads((scratch / "artifacts" / "eval_run.json").read_text())
     return {"metrics": metrics, "run_id": eval_run.get("run_id", "")}

@@ -24,6 +24,7 @@ from components.data.datasets import ImageDataset
 from components.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from components.files import atomic_write_text
 from components.scoring.export import FORMATS, ExportParityError, export_model, load_exported, parity
+from components.scoring.onnx_int8 import quantize_onnx
 from components.scoring.openvino_ir import WEIGHTS_SUFFIX, onnx_to_ir
 from pipelines.config import Params
 from pipelines.paths import EVAL_RUN_FILE, confined
@@ -35,6 +36,8 @@ from pipelines.tracking.guard import tracking_failed, tracking_uri
 logger = logging.getLogger(__name__)
 
 __all__ = ["evaluation_batch", "export"]
+
+INT8_FORMATS = {"openvino": ("OpenVINO", "openvino"), "onnx": ("ONNX Runtime", "onnxruntime")}  # name, runtime
 
 
 def evaluation_batch(p: Params, package) -> tuple[torch.Tensor, list[str]]:
@@ -60,8 +63,10 @@ def export(
 ) -> dict[str, Any]:
     """Export, check parity (INT8: the decision gate), log; returns a summary (path, parity numbers, run id)."""
     e = p.export
-    if int8 and e.format != "openvino":
-        raise ValueError(f"--int8 quantises an OpenVINO IR: use --format openvino (not {e.format}).")
+    if int8 and e.format not in INT8_FORMATS:
+        raise ValueError(
+            f"--int8 quantises an OpenVINO IR or an ONNX file: use --format openvino|onnx (not {e.format})."
+        )
     ref = model_ref or default_model(p)
     package = open_model(p, ref, "cpu")  # exported on CPU: the artifact runs anywhere
     if package.model is None:
@@ -102,7 +107,7 @@ def export(
     metadata["int8"] = e.int8_mode if int8 else "none"
     _write(p, package, metadata, target, images, int8)
     if int8:
-        result = int8_gate(p, package, load_exported(target, "cpu", "openvino"))
+        result = int8_gate(p, package, load_exported(target, "cpu", INT8_FORMATS[e.format][1]))
         ok = result["passed"]
     else:
         result = parity(package.model, package.scoring, load_exported(target), images)
@@ -125,7 +130,8 @@ def export(
     atomic_write_text(report, json.dumps(summary, indent=2))
     summary["run_id"] = _log(p, target, report, ref)
     if int8:
-        print(f"exported {target} (OpenVINO INT8) on {result['images']} evaluation images: {result['reason']}")
+        name = INT8_FORMATS[e.format][0]
+        print(f"exported {target} ({name} INT8, {e.int8_mode}) on {result['images']} images: {result['reason']}")
         return summary
     print(
         f"exported {target} ({e.format}, opset {e.opset if e.format == 'onnx' else '-'}): parity on "
@@ -138,7 +144,7 @@ def export(
 def _write(p: Params, package, metadata: dict[str, Any], target: Path, images: torch.Tensor, int8: bool) -> None:
     """The artifact: ONNX / TorchScript directly; OpenVINO from a temporary ONNX beside the target."""
     e = p.export
-    if e.format != "openvino":
+    if e.format != "openvino" and not int8:
         export_model(package.model, package.scoring, metadata, target, images[:2], e.opset, e.dynamic_batch)
         return
     onnx_file = target.with_name(target.stem + ".tmp" + FORMATS["onnx"])
@@ -146,7 +152,10 @@ def _write(p: Params, package, metadata: dict[str, Any], target: Path, images: t
         export_model(package.model, package.scoring, metadata, onnx_file, images[:2], e.opset, e.dynamic_batch)
         mode = e.int8_mode if int8 else "none"
         calibration = calibration_images(p, package) if mode == "full" else None
-        onnx_to_ir(onnx_file, target, json.dumps(metadata, sort_keys=True), mode, calibration)
+        if e.format == "onnx":
+            quantize_onnx(onnx_file, target, mode, calibration)
+        else:
+            onnx_to_ir(onnx_file, target, json.dumps(metadata, sort_keys=True), mode, calibration)
     finally:
         onnx_file.unlink(missing_ok=True)
 
