@@ -13,9 +13,11 @@ over the first 8 steps. Rows:
 * ``fp32 (pinned kernels)``: today's step, the kernels ``pipelines`` pins (the reproducible bits);
 * ``fp32, native kernels``: ``INPFORMER_CPU_KERNELS=native`` (this CPU's fastest; other bits);
 * ``fp32 + torch.compile``: ``train.compile: true`` (inductor, C++ on CPU; first call compiles);
-* ``bf16 autocast``: ``train.amp: bf16`` (pinned; native kernels in the next row);
-* ``fp32, encoder features cached``: ``train.feature_cache: true`` serves the frozen encoder's
-  outputs (fp16) instead of running it every step (what the demo trains with).
+* ``bf16 autocast``: ``train.amp: bf16`` (pinned ATen and MKL; oneDNN stays on under bf16, which
+  its matrix products need; native kernels in the next row);
+* ``fp32, encoder cached``: ``train.feature_cache: true`` serves the frozen encoder's outputs
+  instead of running it every step, stored as ``train.feature_cache_dtype`` fp32 (the encoder's
+  exact values: the same arithmetic, to rounding) or fp16 (half the bytes; what the demo trains with).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ VARIANTS = {
     "fp32 (pinned kernels)": {},
     "fp32, native kernels": {"INPFORMER_CPU_KERNELS": "native"},
     "fp32 + torch.compile": {"COMPILE": "1"},
-    "bf16 autocast (pinned)": {"AMP": "bf16"},
+    "bf16 autocast (pinned, oneDNN on)": {"AMP": "bf16"},
     "bf16 autocast (native)": {"AMP": "bf16", "INPFORMER_CPU_KERNELS": "native"},
-    "fp32, encoder features cached": {"CACHED": "1"},
+    "fp32, encoder cached (fp32)": {"CACHED": "fp32"},
+    "fp32, encoder cached (fp16)": {"CACHED": "fp16"},
 }
 CHILD = r"""
 import json, os, sys, time
@@ -70,7 +73,8 @@ if os.environ.get("CACHED"):
         for it in items:
             for image_key, feat_key in ((keys.IMAGE, keys.FEATURES), (keys.ANOMALY_IMAGE, keys.ANOMALY_FEATURES)):
                 fused, groups, _ = model.encode(it.pop(image_key)[None])
-                it[feat_key] = torch.stack([fused, *groups], 1)[0].half()
+                stack = torch.stack([fused, *groups], 1)[0]
+                it[feat_key] = stack.half() if os.environ["CACHED"] == "fp16" else stack
 stamps, losses = [], []
 def tick(logs):
     stamps.append(time.perf_counter())
@@ -127,11 +131,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (it compiles first)")
+    parser.add_argument("--rows", default="", help="only the rows whose name contains this (the fp32 row always)")
     args = parser.parse_args()
     args.steps = max(args.steps, LOSS_STEPS)
     rows = {}
     for name, extra in VARIANTS.items():
-        if args.no_compile and "COMPILE" in extra:
+        if (args.no_compile and "COMPILE" in extra) or (extra and args.rows not in name):
             continue
         rows[name] = _run(extra, args)
         print(f"measured {name}", flush=True)

@@ -53,11 +53,13 @@ def apply_cpu_policy(p: Params, threads: bool = True) -> None:
     default; the bits depend on it) unless ``threads`` is false (a sweep worker sets its own share),
     and, with the kernels pinned (:func:`pipelines.pin_cpu_kernels`), oneDNN off: measured, its
     convolutions round by the CPU's ISA (and their blocking by its caches) while ATen's own
-    convolution through MKL's pinned GEMM does not, and is no slower at these sizes."""
+    convolution through MKL's pinned GEMM does not, and is no slower at these sizes. Except under
+    ``train.amp: bf16``: CPU bf16 matrix products need oneDNN (without it a step of ViT-S@224 took 14x
+    the fp32 step, bench/train_step.py), and bf16 bits are not pinned across CPUs anyway."""
     if threads and p.train.num_threads:
         torch.set_num_threads(p.train.num_threads)
     if kernels_pinned():
-        torch.backends.mkldnn.enabled = False
+        torch.backends.mkldnn.enabled = p.train.amp == "bf16"
 
 
 def kernels_pinned() -> bool:

@@ -73,6 +73,36 @@ def test_cached_training_gives_the_same_losses(small_data, tmp_path) -> None:
             assert abs(a[k] - b[k]) <= 1e-3 * abs(a[k]), (k, a[k], b[k])
 
 
+def _step_losses(ds, steps: int = 8) -> list[float]:
+    seed_everything(1)
+    model = tiny_model(image_size=56)
+    cfg = TrainConfig(epochs=steps // 2, batch_size=4, warmup_iters=1, progress=False, log_every=1)
+    seen: list[float] = []
+    train(
+        model, ds, cfg, NormalPatternLoss(coherence="soft"), DiceLoss(), on_iteration=lambda x: seen.append(x["total"])
+    )
+    return seen
+
+
+def test_an_fp32_cache_trains_the_step_without_the_encoder_to_rounding(small_data, tmp_path) -> None:
+    """train.feature_cache_dtype: fp32: the step skips the encoder (bench/train_step.py: 0.7x at
+    ViT-S@224) and its losses equal the uncached step's to 1e-6 over 8 steps (issue 23)."""
+    recs, tf, bank = small_data
+    plain = _step_losses(ImageDataset(recs, tf, bank=bank))
+    seed_everything(1)
+    model = tiny_model(image_size=56)
+    fp32 = CacheSettings(dtype="fp32")
+    normal = FeatureCache(tmp_path, model, [r.path for r in recs], _load(tf), (64, 56), fp32)
+    flat = [img for entries in bank for img, _ in entries]
+    bank_cache = FeatureCache(tmp_path, model, flat, _load_bank(tf), ("bank", 64, 56), fp32)
+    assert normal.array.dtype == np.float32
+    fp16 = FeatureCache(tmp_path, model, [r.path for r in recs], _load(tf), (64, 56))
+    assert fp16.key != normal.key and fp16.array.dtype == np.float16  # the dtype is part of the key
+    cached = _step_losses(CachedFeatureDataset(ImageDataset(recs, tf, bank=bank), normal, bank_cache, copies=2))
+    assert len(plain) == len(cached) == 8
+    assert max(abs(a - b) for a, b in zip(plain, cached)) <= 1e-6, (plain, cached)
+
+
 def test_cache_is_reused_and_invalidated(small_data, tmp_path) -> None:
     recs, tf, _ = small_data
     torch.manual_seed(0)

@@ -71,6 +71,22 @@ def test_a_pipeline_process_runs_the_pinned_kernels_and_no_onednn() -> None:
     assert runtime["num_threads"] == "2"  # train.num_threads of params.yaml
 
 
+@pytest.mark.skipif(not pipelines.has_avx2(), reason="needs an x86 CPU with AVX2 (the pins apply only there)")
+def test_bf16_training_keeps_onednn_on_the_pinned_kernels(monkeypatch) -> None:
+    """CPU bf16 matrix products need oneDNN (14x slower without it): only fp32 turns it off."""
+    import torch
+
+    from pipelines.builders import apply_cpu_policy
+    from pipelines.config import load_params
+
+    monkeypatch.setenv("MKL_CBWR", pipelines.CPU_KERNEL_PINS["MKL_CBWR"])  # pinned, as in every stage
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    apply_cpu_policy(load_params(ROOT / "params.yaml", ["train.amp=bf16"]), threads=False)
+    assert torch.backends.mkldnn.enabled is True
+    apply_cpu_policy(load_params(ROOT / "params.yaml", []), threads=False)
+    assert torch.backends.mkldnn.enabled is False
+
+
 # -- the champion gate ---------------------------------------------------------------------------------
 
 

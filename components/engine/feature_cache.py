@@ -2,8 +2,9 @@
 
 The encoder is most of the compute and is frozen, so for inputs that do not change between epochs
 (the training images, the fixed pseudo-anomaly bank) its outputs — F_Q and the group means, i.e.
-exactly what :meth:`InpFormer.forward_features` consumes — are stored once as an fp16 array
-``features.npy`` of shape n×(1+G)×N×C and memory-mapped by every epoch and every sweep trial.
+exactly what :meth:`InpFormer.forward_features` consumes — are stored once as an fp16 (or, with
+``dtype="fp32"``, the encoder's exact fp32) array ``features.npy`` of shape n×(1+G)×N×C and
+memory-mapped by every epoch and every sweep trial.
 
 The key hashes the image bytes, the transform sizes, the encoder's weights, taps and groups: any
 change gives a new folder, never a stale read. A cache is written under ``<key>.partial-<pid>`` and
@@ -60,6 +61,7 @@ __all__ = [
 ENCODE_BATCH = 16  # images per batch of the one-off encoder pass
 CACHE_HASH = "blake2b"  # of the image files (key) and of the cached array
 _VERIFIED: set[str] = set()  # caches whose digest this process has checked
+CACHE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # fp16: half the bytes; fp32: the encoder's values
 
 
 @contextlib.contextmanager
@@ -84,16 +86,19 @@ class CacheSettings:
     """How a cache is built and checked: encoder device, progress bar, ``verify`` (:data:`CACHE_VERIFY_MODES`),
     and without a bar a log line every ``report_every_s`` seconds while building. ``arithmetic``: what
     decides the encoder's rounding besides its weights (CPU kernels, threads; part of the key, so
-    features computed under other kernels are never trained on)."""
+    features computed under other kernels are never trained on). ``dtype``: :data:`CACHE_DTYPES`
+    (fp32 trains on exactly what the encoder computes, at twice the bytes)."""
 
     device: str = "cpu"
     progress: bool = False
     verify: str = "full"
     report_every_s: float = 30.0
     arithmetic: tuple[str, ...] = ()
+    dtype: str = "fp16"
 
     def __post_init__(self) -> None:
         check_choice("verify", self.verify, CACHE_VERIFY_MODES)
+        check_choice("dtype", self.dtype, tuple(CACHE_DTYPES))
 
 
 def encoder_fingerprint(model: InpFormer) -> str:
@@ -109,7 +114,7 @@ def encoder_fingerprint(model: InpFormer) -> str:
 
 
 class FeatureCache:
-    """A memory-mapped n×(1+G)×N×C fp16 array of encoder features for a list of image files.
+    """A memory-mapped n×(1+G)×N×C fp16 (or fp32) array of encoder features for a list of image files.
 
     Args:
         folder: parent folder of all caches.
@@ -136,7 +141,12 @@ class FeatureCache:
         for p in paths:
             h.update(file_digest(p, CACHE_HASH).encode())
         self.key = h.hexdigest()[:20]
+        if settings.dtype != "fp16":  # fp16 keys as before: existing caches stay valid
+            h.update(settings.dtype.encode())
+            self.key = h.hexdigest()[:20]
         self.dir = Path(folder) / self.key
+        self.torch_dtype = CACHE_DTYPES[settings.dtype]
+        self.dtype = np.float16 if settings.dtype == "fp16" else np.float32
         self.built = False
         with _build_lock(self.dir):  # concurrent sweep workers: one builds, the others wait and read it
             problem = self.problem(len(paths), settings.verify == "full" and self.key not in _VERIFIED)
@@ -164,8 +174,9 @@ class FeatureCache:
             header = np.load(file, mmap_mode="r")
         except (ValueError, OSError) as err:
             return f"{file}: unreadable .npy header ({err})"
-        if header.shape != shape or header.dtype != np.float16 or shape[0] != n:
-            return f"{file}: array {header.shape} {header.dtype}, expected {shape} float16 for {n} images"
+        if header.shape != shape or header.dtype != self.dtype or shape[0] != n:
+            want = np.dtype(self.dtype).name
+            return f"{file}: array {header.shape} {header.dtype}, expected {shape} {want} for {n} images"
         del header
         if full and file_digest(file, CACHE_HASH) != digest:
             return f"{file} does not match the digest recorded when it was built"
@@ -185,10 +196,10 @@ class FeatureCache:
             ):
                 batch = torch.stack([load(p) for p in paths[start : start + batch_size]]).to(device)
                 fused, groups, _ = model.encode(batch)
-                feats = torch.stack([fused, *groups], dim=1).to(torch.float16).cpu().numpy()
+                feats = torch.stack([fused, *groups], dim=1).to(self.torch_dtype).cpu().numpy()
                 if arr is None:
                     shape = (len(paths), *feats.shape[1:])
-                    arr = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=shape)
+                    arr = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=self.dtype, shape=shape)
                 arr[start : start + len(feats)] = feats
                 done, now = start + len(feats), time.monotonic()
                 if not progress and (now - last >= settings.report_every_s or done == len(paths)):

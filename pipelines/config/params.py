@@ -191,6 +191,7 @@ class TrainParams(StrictParams):
     num_threads: int = Field(0, ge=0)  # CPU threads of train and evaluate (0: torch's default, all cores)
     feature_cache: bool = False  # cache the frozen encoder's outputs (fp16, memory-mapped) across epochs
     feature_cache_verify: Literal[CACHE_VERIFY_MODES] = "full"  # type: ignore[valid-type]
+    feature_cache_dtype: Literal["fp16", "fp32"] = "fp16"  # fp32: the encoder's exact values, twice the bytes
 
 
 class EvalParams(StrictParams):

@@ -92,6 +92,9 @@ def training_dataset(
     if p.train.feature_cache:
         runtime = cpu_runtime()  # features computed under other CPU kernels or threads round differently
         arithmetic = (device, runtime["cpu_kernels"], runtime["mkl_cbwr"], runtime["onednn"], runtime["num_threads"])
-        settings = CacheSettings(device, progress, p.train.feature_cache_verify, p.train.progress_every_s, arithmetic)
+        tr = p.train
+        settings = CacheSettings(
+            device, progress, tr.feature_cache_verify, tr.progress_every_s, arithmetic, tr.feature_cache_dtype
+        )
         return cached_dataset(model, dataset, FEATURE_CACHE_DIR, settings)
     return dataset
