@@ -8,6 +8,8 @@ stored next to a registered model as JSON and read back from there.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,8 @@ from components.scoring.anomaly_map import (
     reconstruction_map,
 )
 from components.scoring.tiling import resample, score_tiled
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from components.model import InpFormer
@@ -109,6 +113,28 @@ def _ground_truth(mask: torch.Tensor, resize: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
+class Heartbeat:
+    """Without a progress bar, a log line every ``every_s`` seconds (and at the end) of long scoring:
+    images done, rate and ETA; ``every_s <= 0``: silent."""
+
+    def __init__(self, total: int, every_s: float, what: str = "scored") -> None:
+        self.total, self.every_s, self.what = total, every_s, what
+        self.done, self.started = 0, time.monotonic()
+        self.last = self.started
+
+    def tick(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.every_s <= 0 or (now - self.last < self.every_s and self.done < self.total):
+            return
+        self.last, rate = now, self.done / max(now - self.started, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        pct = 100 * self.done / max(self.total, 1)
+        logger.info(
+            "%s %d/%d images (%.0f %%), %.1f images/s, ETA %.0f s", self.what, self.done, self.total, pct, rate, left
+        )
+
+
 def predict(
     model: InpFormer,
     dataset: Dataset,
@@ -117,20 +143,24 @@ def predict(
     device: str = "cpu",
     num_workers: int = 0,
     progress: bool = True,
+    report_every_s: float = 0.0,
 ) -> InferenceResult:
     """Anomaly maps and image scores for every sample of ``dataset`` (spec §11–§13.8).
 
     A dataset of records under the ``tile`` geometry is scored per image as its stitched tiles
-    (:func:`_predict_tiled`).
+    (:func:`_predict_tiled`). Without ``progress``, a :class:`Heartbeat` line every
+    ``report_every_s`` seconds (0: none).
     """
     model.to(device).eval()
     transform = getattr(dataset, "transform", None)
+    beat = Heartbeat(len(dataset), 0.0 if progress else report_every_s)  # type: ignore[arg-type]
     if transform is not None and transform.tiled and hasattr(dataset, "records"):
-        return _predict_tiled(model, dataset.records, transform, scoring, batch_size, device, progress)
+        return _predict_tiled(model, dataset.records, transform, scoring, batch_size, device, progress, beat)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     maps, scores, labels, masks, paths, cats = [], [], [], [], [], []
     for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
         images = batch[keys.IMAGE].to(device)
+        beat.tick(len(images))
         amap, score = score_batch(model, images, scoring)
         scores.append(score.cpu())
         maps.append(amap[:, 0].cpu())
@@ -157,6 +187,7 @@ def _predict_tiled(
     batch_size: int,
     device: str,
     progress: bool,
+    beat: Heartbeat,
 ) -> InferenceResult:
     """:func:`predict` under the ``tile`` geometry: each image's tiles scored, their maps stitched in
     the original frame (:mod:`components.scoring.tiling`) and the image score taken from the stitched
@@ -171,6 +202,7 @@ def _predict_tiled(
     for rec in tqdm(records, desc="predict (tiles)", disable=not progress, leave=False):
         img = read_rgb(rec.path)
         [(full, score)] = score_tiled(scorer, [img], transform, scoring.top_ratio, batch_size)
+        beat.tick(1)
         maps.append(resample(full, side))
         scores.append(score)
         truth = np.zeros((side, side), dtype=np.uint8)

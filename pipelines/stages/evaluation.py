@@ -206,7 +206,8 @@ def _thresholds(
     where, known = "test", ev.f1[cat]
     if calib:
         e, where, known = p.eval, "validation", None
-        res = predict(model, ImageDataset(calib, build_transform(p)), scoring, e.batch_size, device, 0, progress)
+        calib_ds = ImageDataset(calib, build_transform(p))
+        res = predict(model, calib_ds, scoring, e.batch_size, device, 0, progress, p.train.progress_every_s)
     elif calib is not None:
         logger.warning("%s: too few test images to hold out; calibrating on the scored ones.", res.categories[:1])
     maps, masks = pixel_truth(res, ev.pixel_known)
@@ -265,7 +266,7 @@ def _evaluate_category(
     recs = ds.records
     cat = recs[0].category
     e = p.eval
-    res = predict(model, ds, scoring, e.batch_size, device, p.data.num_workers, progress)
+    res = predict(model, ds, scoring, e.batch_size, device, p.data.num_workers, progress, p.train.progress_every_s)
     maps, masks = pixel_truth(res, pixel_known(recs))  # images labelled without a mask: no pixel truth
     m = evaluate_arrays(res.scores, res.labels, maps, masks, e.metrics_mode, e.fpr_limit)
     ev.per_category[cat] = {k: m[k] for k in METRIC_KEYS}
