@@ -38,6 +38,7 @@ from pipelines import cpu_flags
 from pipelines.config import Params
 from pipelines.paths import ARTIFACTS
 from pipelines.serve.export import evaluation_batch
+from pipelines.serve.int8 import calibration_images
 from pipelines.serve.predict import open_model
 
 __all__ = ["BENCH_DIR", "benchmark", "gflops", "log_benchmark", "timed"]
@@ -136,7 +137,7 @@ def _runtimes(p: Params, model: LoadedModel, folder: Path, images: torch.Tensor)
         export_model(model.model, model.scoring, meta, path, images[:2], p.export.opset, True)
         rows.append((name, load_exported(path, "cpu", runtime), path))
     mode = p.export.int8_mode
-    calibration = [images[i : i + 1].numpy() for i in range(len(images))] if mode == "full" else None
+    calibration = calibration_images(p, model) if mode == "full" else None  # training normals, as the export
     quantize_onnx(folder / ONNX_FILE, folder / "int8.onnx", mode, calibration)
     rows.append(
         (f"onnxruntime int8 ({mode})", load_exported(folder / "int8.onnx", "cpu", "onnxruntime"), folder / "int8.onnx")
